@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny pipelines of each family, built once per session into a temporary folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Lazily built tiny pipelines: `tiny_models["sd1"]` is a diffusers folder."""
+    from tuner.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    class Models(dict):
+        def __missing__(self, family: str) -> Path:
+            path = make_tiny(root / family, family)
+            self[family] = path
+            return path
+
+    return Models()
+
+
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def toy_method():
+    """A registered method `toy` with its own table, for config tests that need no real trainer."""
+    from tuner import registry
+    from tuner.config import MethodConfig
+    from tuner.trainer import Trainer
+
+    class ToyConfig(MethodConfig):
+        rank: int = 4
+        """Adapter rank."""
+        alpha: float = 4.0
+        """Adapter alpha."""
+
+    class ToyTrainer(Trainer):
+        name = "toy"
+        Config = ToyConfig
+
+    registry.register("toy", ToyTrainer)
+    yield ToyTrainer
+    registry._extra.pop("toy", None)

@@ -1,0 +1,135 @@
+"""The `tuner` command: argument parsing only; every command calls into the library.
+
+Exit codes: 0 done, 1 failed (the message says why), 2 usage error (argparse's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from tuner.errors import TunerError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="preset name (see `tuner presets list`)")
+    p.add_argument("--config", help="TOML config file (overrides the preset)")
+    p.add_argument("--model", help="base model: diffusers folder or hub id (model.pretrained_model_name_or_path)")
+    p.add_argument("--data", help="training data folder or dataset id (data.path)")
+    p.add_argument("--output-dir", help="run folder (train.output_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="override one field")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    if args.model:
+        out.setdefault("model", {})["pretrained_model_name_or_path"] = args.model
+    if args.data:
+        out.setdefault("data", {})["path"] = args.data
+    if args.output_dir:
+        out.setdefault("train", {})["output_dir"] = args.output_dir
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from tuner.config import load_config
+
+    return load_config(args.config, args.preset, args.set, _overrides(args))
+
+
+# --- commands ----------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tuner.loop import train
+
+    config = _load(args)
+    train(config, resume=args.resume)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from tuner.config import explain
+    from tuner.presets import find_preset, list_presets
+
+    if args.action == "list":
+        infos = list_presets()
+        width = max((len(i.name) for i in infos), default=4)
+        print(f"{'NAME':<{width}}  {'METHOD':<18}  DESCRIPTION")
+        for info in infos:
+            print(f"{info.name:<{width}}  {info.method:<18}  {info.summary}")
+        return 0
+    if not args.name:
+        raise TunerError("tuner presets show NAME: give a preset name (see `tuner presets list`)")
+    info = find_preset(args.name)
+    print(f"# {info.path}")
+    if not args.explain:
+        print(info.path.read_text(encoding="utf-8"))
+        return 0
+    from tuner.config import load_config
+
+    for key, value, doc in explain(load_config(preset=args.name)):
+        print(f"{key} = {value!r}")
+        if doc:
+            print(f"    {doc}")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from tuner.tiny import make_tiny
+
+    path = make_tiny(args.directory, args.family, seed=args.seed)
+    print(f"wrote a tiny {args.family} pipeline to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuner",
+        description="Fine-tune latent diffusion models: DreamBooth, LoRA, textual inversion, VAE decoder.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train from a preset and/or a TOML config")
+    _config_arguments(p)
+    p.add_argument("--resume", help="`latest` or a checkpoint folder to continue from")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("presets", help="list presets or show one")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?", help="preset to show")
+    p.add_argument("--explain", action="store_true", help="every field with its value and meaning")
+    p.set_defaults(handler=cmd_presets)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random pipeline (for tests and trying things out)")
+    p.add_argument("directory")
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.handler(args)
+    except TunerError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

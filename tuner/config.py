@@ -1,0 +1,413 @@
+"""Typed run configuration: pydantic models for every TOML table, merging, and readable validation errors.
+
+Resolution order is code defaults < preset < user file < `--set table.key=value`. One TOML table is one
+model, every model forbids unknown keys, and `method` picks the method table's model through the registry.
+Field names follow the diffusers example flags so users recognize them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from tuner.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every table: unknown keys are errors, and field docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    pretrained_model_name_or_path: str = "builtin:micro"
+    """Base pipeline: a local diffusers folder, a hub id, or `builtin:micro` (the shipped micro model)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the base model."""
+    variant: str | None = None
+    """Weight variant to load, e.g. `fp16`."""
+    vae: str | None = None
+    """Optional separate VAE folder or hub id (e.g. a fine-tuned decoder)."""
+
+
+class SubsetConfig(Section):
+    """One kohya-style folder: its own repeats, caption fallback and regularization flag."""
+
+    path: str
+    """Folder of images (with optional caption sidecars)."""
+    num_repeats: int = Field(1, ge=1)
+    """How many times each image appears per epoch."""
+    class_tokens: str | None = None
+    """Caption used for images that have no caption file."""
+    caption_prefix: str = ""
+    """Text put before every caption of this subset."""
+    is_reg: bool = False
+    """A regularization (class) set: its examples count toward the prior-preservation loss."""
+
+
+class DataConfig(Section):
+    path: str | None = None
+    """Folder of images with caption sidecars, a folder with metadata.jsonl/.csv, or a datasets hub id."""
+    recursive: bool = False
+    """Look for images in sub-folders too."""
+    caption_extension: str = ".txt"
+    """Sidecar caption extension (`.txt` or `.caption`, say)."""
+    image_column: str = "image"
+    """Image column of a `datasets` source."""
+    caption_column: str = "text"
+    """Caption column of a `datasets` source or metadata file."""
+    subsets: list[SubsetConfig] = []
+    """kohya-style subsets (several folders with repeats and regularization flags)."""
+    num_repeats: int = Field(1, ge=1)
+    """Repeats for the main `path` folder."""
+    resolution: int = Field(512, ge=8)
+    """Training side length; with buckets, the max area is resolution²."""
+    enable_bucket: bool = True
+    """Aspect-ratio buckets instead of square crops."""
+    min_bucket_reso: int = Field(256, ge=8)
+    """Smallest bucket side."""
+    max_bucket_reso: int = Field(1024, ge=8)
+    """Largest bucket side."""
+    bucket_reso_steps: int = Field(64, ge=8)
+    """Bucket sides are multiples of this (64 at SD scale; must be a multiple of the VAE factor)."""
+    bucket_no_upscale: bool = False
+    """Never upscale an image to fill a bucket."""
+    crop: Literal["center", "random"] = "center"
+    """How to crop to the bucket or square: `center` (cacheable) or `random`."""
+    random_flip: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of a horizontal flip (flipped latents are cached separately)."""
+    background_color: str = "white"
+    """Color that transparent pixels are composited onto."""
+    instance_prompt: str | None = None
+    """Default caption (DreamBooth: "a photo of sks dog"); used when an image has no caption."""
+    caption_template: str = "{caption}"
+    """Template for every caption; `{caption}` is the caption, `{token}` the identifier token."""
+    token: str | None = None
+    """The identifier / placeholder token that `{token}` expands to."""
+    caption_prefix: str = ""
+    """Text put before every caption."""
+    caption_suffix: str = ""
+    """Text put after every caption."""
+    caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of an empty caption (trains classifier-free guidance)."""
+    shuffle_tags: bool = False
+    """Shuffle comma-separated tags of each caption."""
+    keep_tokens: int = Field(0, ge=0)
+    """With `shuffle_tags`, keep the first K tags in place."""
+    with_prior_preservation: bool = False
+    """DreamBooth prior preservation: add a class set and a prior loss."""
+    class_data_dir: str | None = None
+    """Folder of class images; missing ones are generated with the base pipeline and cached there."""
+    class_prompt: str | None = None
+    """Prompt of the class set ("a photo of dog")."""
+    num_class_images: int = Field(100, ge=1)
+    """How many class images the class set should hold."""
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+    """Weight of the prior-preservation loss."""
+    cache_latents: bool = True
+    """Cache VAE latents on disk (ignored for random crops)."""
+    cache_text_embeds: bool = True
+    """Cache text-encoder outputs on disk (ignored when captions vary per step or text encoders train)."""
+    latent_cache_mode: Literal["distribution", "sample"] = "distribution"
+    """Cache the latent distribution (mean, std: sampling stays stochastic) or one sample."""
+    cache_dir: str | None = None
+    """Cache folder; default `<data path>/.tuner-cache`."""
+    bad_file_policy: Literal["skip", "error"] = "skip"
+    """What to do with unusable files: skip them with a warning, or stop before training."""
+    holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of images held out for evaluation (used by the decoder trainer)."""
+    dataloader_num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes."""
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw8bit", "adamw", "prodigy", "adafactor"] = "adamw8bit"
+    """bitsandbytes AdamW8bit (CPU from bitsandbytes 0.50), torch AdamW, Prodigy, or transformers Adafactor."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Base learning rate (UNet / trained weights)."""
+    text_encoder_lr: float | None = None
+    """Learning rate of text-encoder parameters; default: `learning_rate`."""
+    embedding_lr: float | None = None
+    """Learning rate of new token embeddings (textual inversion, pivotal tuning); default: `learning_rate`."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """Decoupled weight decay."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """Adam beta1."""
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    """Adam beta2."""
+    adam_epsilon: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm (none to disable)."""
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    """Learning-rate schedule from diffusers.optimization."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Warmup steps of the schedule."""
+    lr_num_cycles: int = Field(1, ge=1)
+    """Cycles of `cosine_with_restarts`."""
+    lr_power: float = 1.0
+    """Power of `polynomial`."""
+
+
+class TrainConfig(Section):
+    output_dir: str = "runs/latest"
+    """Run folder: config.json, artifacts, checkpoint-<step>/, grids/ and logs/."""
+    max_train_steps: int = Field(500, ge=1)
+    """Optimizer steps to train."""
+    train_batch_size: int = Field(1, ge=1)
+    """Micro-batch size per process."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    checkpointing_steps: int = Field(500, ge=1)
+    """Write `checkpoint-<step>/` every N steps."""
+    checkpoints_total_limit: int | None = Field(3, ge=1)
+    """Keep at most this many checkpoints."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision; frozen parts are stored in this dtype, trained ones in fp32."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the UNet and text encoders."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention kernel: torch SDPA, or xformers (CUDA only, when installed)."""
+    seed: int = 0
+    """Seed for weights init, data order, noise and augmentation."""
+    noise_offset: float = Field(0.0, ge=0)
+    """Noise offset (brighter darks and darker brights)."""
+    input_perturbation: float = Field(0.0, ge=0)
+    """Input perturbation of the noise (regularizes, ~0.1)."""
+    snr_gamma: float | None = None
+    """min-SNR-γ loss weighting (5.0 is the paper's value); none to disable."""
+    use_ema: bool = False
+    """Keep an EMA copy of the trained weights and save it."""
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    """EMA decay."""
+    allow_tf32: bool = True
+    """Allow TF32 matmuls on Ampere+ GPUs."""
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Where to log losses, learning rates and validation images."""
+    logging_steps: int = Field(10, ge=1)
+    """Log scalars every N steps."""
+
+
+class ValidationConfig(Section):
+    prompts: list[str] = []
+    """Prompts for validation grids; `{token}` expands to the identifier token. Empty: the trainer picks."""
+    negative_prompt: str = ""
+    """Negative prompt for every sample."""
+    seeds: list[int] = [0, 1]
+    """One grid column per seed."""
+    scales: list[float] = [0.0, 1.0]
+    """Adapter scales shown side by side (0 = base model)."""
+    num_inference_steps: int = Field(25, ge=1)
+    """Sampling steps."""
+    guidance_scale: float = Field(7.5, ge=0)
+    """Classifier-free guidance scale."""
+    scheduler: str | None = None
+    """diffusers scheduler class name for sampling (e.g. `DPMSolverMultistepScheduler`); default: the model's."""
+    width: int | None = None
+    """Sample width (default: the training resolution)."""
+    height: int | None = None
+    """Sample height (default: the training resolution)."""
+    validation_steps: int | None = None
+    """Render a grid every N steps (none: only at the end)."""
+    enabled: bool = True
+    """Render grids at all."""
+
+
+class HubConfig(Section):
+    push: bool = False
+    """Upload the run's artifacts and model card at the end of training."""
+    repo_id: str | None = None
+    """Target repository, `user/name`."""
+    private: bool = False
+    """Create the repository as private."""
+    license: str = "openrail++"
+    """License in the model card."""
+
+
+class MethodConfig(Section):
+    """Base of each method's own table (`[lora]`, `[dreambooth]`, ...)."""
+
+
+SHARED_TABLES: dict[str, type[Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "validation": ValidationConfig,
+    "hub": HubConfig,
+}
+
+
+class RunConfig(Section):
+    """A whole run. Build one with `RunConfig.for_method(name)` so the method table has its model."""
+
+    method: str
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    validation: ValidationConfig = ValidationConfig()
+    hub: HubConfig = HubConfig()
+
+    @classmethod
+    def for_method(cls, method: str) -> type[RunConfig]:
+        from tuner.registry import get_trainer
+
+        return _run_model(method, get_trainer(method).Config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+@functools.cache
+def _run_model(method: str, config_cls: type[MethodConfig]) -> type[RunConfig]:
+    """One RunConfig subclass per (method, config class), so configs of one method compare equal."""
+    return create_model(f"{config_cls.__name__}Run", __base__=RunConfig, **{method: (config_cls, config_cls())})
+
+
+# --- merging and parsing -----------------------------------------------------------------------------
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; any other value (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(assignment: str) -> dict[str, Any]:
+    """`a.b=c` -> {"a": {"b": c}}; the value is a TOML literal when it parses as one, else a string."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {assignment!r}: expected table.key=value, e.g. --set train.max_train_steps=100")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    nested: dict[str, Any] = {}
+    cursor = nested
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cursor = cursor.setdefault(part, {})
+    cursor[leaf] = value
+    return nested
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({exc})") from exc
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of `loc` (to list allowed keys for a typo)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ()) or ()
+        candidates = [annotation, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str = "config") -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s)"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            allowed = ", ".join(sorted(owner.model_fields)) if owner else "?"
+            lines.append(f"  {dotted}: unknown key; allowed keys here: {allowed}")
+        else:
+            value = err.get("input")
+            shown = json.dumps(value, default=str) if not isinstance(value, dict) else "a table"
+            lines.append(f"  {dotted} = {shown}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(layers: list[tuple[str, dict[str, Any]]]) -> RunConfig:
+    """Merge labelled layers in order (later wins) and validate the result for its method."""
+    merged: dict[str, Any] = {}
+    for _, layer in layers:
+        merged = deep_merge(merged, layer)
+    method = merged.get("method")
+    sources = " < ".join(label for label, _ in layers) or "config"
+    if not method:
+        raise ConfigError(f"{sources}: `method` is missing; set it in the file or pick a --preset")
+    if not isinstance(method, str):
+        raise ConfigError(f"method = {method!r}: expected a method name")
+    model = RunConfig.for_method(method)
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, sources)) from None
+
+
+def load_config(
+    file: str | Path | None = None,
+    preset: str | None = None,
+    sets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """defaults < preset < user file < `overrides` (CLI shorthands such as --model) < `--set` assignments."""
+    from tuner.presets import load_preset
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset:
+        layers.append((f"preset {preset}", load_preset(preset)))
+    if file:
+        layers.append((str(file), read_toml(file)))
+    if overrides:
+        layers.append(("command line", overrides))
+    for assignment in sets or []:
+        layers.append((f"--set {assignment}", parse_set(assignment)))
+    if not layers:
+        raise ConfigError("nothing to train: give --preset NAME or --config FILE.toml")
+    return build_config(layers)
+
+
+def save_config(config: RunConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def explain(config: BaseModel, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, docstring) for every field, tables first-level by first-level."""
+    rows: list[tuple[str, Any, str]] = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            rows.extend(explain(value, key + "."))
+        else:
+            rows.append((key, value, (field.description or "").strip()))
+    return rows
