@@ -110,6 +110,9 @@ class DataConfig(Section):
     """How many class images the class set should hold."""
     prior_loss_weight: float = Field(1.0, ge=0.0)
     """Weight of the prior-preservation loss."""
+    prior_mode: Literal["images", "model"] = "images"
+    """Prior target: class images (generated once and cached), or the frozen base model's own prediction on
+    the class prompt for the instance latents (image-free, no generation needed)."""
     cache_latents: bool = True
     """Cache VAE latents on disk (ignored for random crops)."""
     cache_text_embeds: bool = True
