@@ -110,6 +110,20 @@ class Trainer:
     def after_optimizer_step(self, parts: Parts) -> None:
         """Called after every optimizer step (textual inversion restores frozen embedding rows here)."""
 
+    def set_adapter_scale(self, parts: Parts, scale: float) -> bool:
+        """Scale what was trained (0 = base model, 1 = as trained) for validation grids.
+
+        Return False when the method cannot scale; grids then show only base (rendered before the first
+        step) and tuned columns.
+        """
+        return False
+
+    def validation_prompts(self) -> list[str]:
+        """Prompts used when `[validation] prompts` is empty (methods override with their own)."""
+        data = self.config.data
+        prompt = data.instance_prompt or data.caption_template.replace("{caption}", "").strip()
+        return [p for p in [prompt, data.class_prompt] if p]
+
     def validation_images(self, parts: Parts, step: int) -> Image.Image | None:
         """A grid showing progress; the default renders prompts through the stock diffusers pipeline."""
         from tuner.validation import render_validation_grid
