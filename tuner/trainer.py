@@ -85,6 +85,9 @@ class Trainer:
 
     def __init__(self, config: RunConfig):
         self.config = config
+        # The optimizer step about to run (0-based); the loop sets it before every step, resumes included,
+        # so phased methods (text encoder for the first N steps, pivotal tuning) need no counter of their own.
+        self.global_step = 0
 
     @property
     def method_config(self) -> MethodConfig:
