@@ -117,6 +117,7 @@ class Parts:
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
     noise_scheduler: Any
+    sample_scheduler: Any = None
     weight_dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     revision: str | None = None
@@ -145,7 +146,7 @@ class Parts:
             "unet": self.unwrapped(self.unet),
             "text_encoder": self.unwrapped(self.text_encoders[0]),
             "tokenizer": self.tokenizers[0],
-            "scheduler": self.noise_scheduler,
+            "scheduler": self.sample_scheduler or self.noise_scheduler,
         }
         if self.family.text_encoders > 1:
             parts["text_encoder_2"] = self.unwrapped(self.text_encoders[1])
@@ -161,6 +162,15 @@ class Parts:
             pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _sampling_scheduler(source: str, revision: str | None):
+    """The base model's own inference scheduler (training uses DDPM with the same betas)."""
+    import diffusers
+
+    config = _read_json(source, "scheduler/scheduler_config.json", revision)
+    cls = getattr(diffusers, config.get("_class_name", ""), None) or diffusers.DDPMScheduler
+    return cls.from_config(config)
 
 
 def load_parts(
@@ -194,6 +204,7 @@ def load_parts(
             encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kw))
             tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision))
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+        sample_scheduler = _sampling_scheduler(source, revision)
     except OSError as exc:
         raise _unreachable(name_or_path, exc) from None
     device = torch.device(device)
@@ -209,6 +220,7 @@ def load_parts(
         text_encoders=encoders,
         tokenizers=tokenizers,
         noise_scheduler=noise_scheduler,
+        sample_scheduler=sample_scheduler,
         weight_dtype=weight_dtype,
         device=device,
         revision=revision,
