@@ -127,6 +127,20 @@ class DataConfig(Section):
     """Fraction of images held out for evaluation (used by the decoder trainer)."""
     dataloader_num_workers: int = Field(0, ge=0)
     """DataLoader worker processes."""
+    source_format: Literal["auto", "folder", "imagefolder", "datasets"] = "auto"
+    """How to read `path`: `auto` (a kohya TOML, a saved `datasets` folder, a plain folder, else a hub id),
+    `folder` (our scanner: sidecars + metadata.jsonl/csv), `imagefolder` (`datasets.load_dataset("imagefolder")`)
+    or `datasets` (a saved dataset folder or a hub id)."""
+    dataset_split: str = "train"
+    """Split of a `datasets` source."""
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    """Images whose header declares more pixels are refused as decompression bombs (Pillow's default limit)."""
+    min_image_side: int | None = Field(None, ge=1)
+    """Images whose shorter side is below this are refused as too small; default: a quarter of `resolution`."""
+    sample_batch_size: int = Field(4, ge=1)
+    """Batch size when generating missing class images."""
+    class_inference_steps: int = Field(25, ge=1)
+    """Sampling steps when generating missing class images."""
 
 
 class OptimizerConfig(Section):

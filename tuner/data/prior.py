@@ -1,0 +1,152 @@
+"""DreamBooth prior preservation: the class set, and generating its missing images with the stock pipeline.
+
+Generated images are PNGs with a caption sidecar in `data.class_data_dir`, named by index and prompt, so the
+next run counts them and generates nothing. Each image has its own seed (train seed + index), so a partly
+filled folder is completed with the same images an uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from tuner.config import RunConfig
+from tuner.data.images import IMAGE_EXTENSIONS
+from tuner.data.sources import Listing, scan_folder
+from tuner.errors import ConfigError, DataError
+
+logger = logging.getLogger("tuner.data")
+
+
+def _check_config(config: RunConfig, listing: Listing) -> None:
+    data = config.data
+    has_reg = any(item.is_class for item in listing.items)
+    if has_reg and not data.with_prior_preservation:
+        raise ConfigError(
+            "data.subsets: a subset has is_reg = true, but data.with_prior_preservation = false; regularization "
+            "images are the class set of prior preservation, so enable it or set is_reg = false"
+        )
+    if not data.with_prior_preservation:
+        return
+    if data.prior_mode == "model" and not data.class_prompt:
+        raise ConfigError("data.class_prompt is not set: prior_mode = 'model' needs it (e.g. 'a photo of dog')")
+    if data.prior_mode == "images" and not data.class_data_dir and not has_reg:
+        raise ConfigError(
+            "data.class_data_dir is not set: prior preservation with prior_mode = 'images' needs a class folder "
+            "(missing images are generated there), an is_reg subset, or prior_mode = 'model'"
+        )
+    if data.prior_mode == "images" and data.class_data_dir and not data.class_prompt:
+        raise ConfigError(
+            "data.class_prompt is not set: it captions (and generates) the images of data.class_data_dir"
+        )
+
+
+def _prompt_tag(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def planned_class_files(config: RunConfig) -> tuple[list[Path], list[Path]]:
+    """(user images already there, generated-image paths the folder should hold) for `class_data_dir`.
+
+    Every rank computes the same plan from the same folder, so ranks can split the generation by index.
+    """
+    data = config.data
+    folder = Path(data.class_data_dir).expanduser()
+    tag = _prompt_tag(data.class_prompt or "")
+    own = [p for p in _images_in(folder) if not (p.name.startswith("class-") and p.stem.endswith(tag))]
+    # Generated files of another prompt count as user images: they are class images all the same.
+    wanted = max(0, data.num_class_images - len(own))
+    return own, [folder / f"class-{i:05d}-{tag}.png" for i in range(wanted)]
+
+
+def class_listing(config: RunConfig, listing: Listing) -> dict | None:
+    """Add the class folder's images to `listing` and describe the class set for the report."""
+    _check_config(config, listing)
+    data = config.data
+    if not data.with_prior_preservation:
+        return None
+    if data.prior_mode == "model":
+        return {"mode": "model (frozen base model prediction on the instance images)", "prompt": data.class_prompt}
+    info = {"mode": "images", "prompt": data.class_prompt, "folder": data.class_data_dir, "wanted": None}
+    if data.class_data_dir:
+        folder = Path(data.class_data_dir).expanduser()
+        own, planned = planned_class_files(config)
+        present = len(own) + sum(1 for p in planned if p.is_file())
+        info.update(wanted=data.num_class_images, present=present, to_generate=len(planned) - present + len(own))
+        if folder.is_dir():
+            scan_folder(
+                folder, data, "data.class_data_dir", recursive=False, fallback=data.class_prompt, is_class=True,
+                listing=listing,
+            )  # fmt: skip
+    info["regularization_images"] = sum(1 for item in listing.items if item.is_class)
+    return info
+
+
+def ensure_class_images(config: RunConfig, parts, *, rank: int = 0, world_size: int = 1) -> int:
+    """Generate the class images `class_data_dir` lacks with `parts.pipeline()`; returns how many this rank made.
+
+    Ranks split the missing indices and then wait until every planned file exists.
+    """
+    data = config.data
+    if not (data.with_prior_preservation and data.prior_mode == "images" and data.class_data_dir):
+        return 0
+    _, planned = planned_class_files(config)
+    missing = [(i, p) for i, p in enumerate(planned) if not p.is_file()]
+    if not missing:
+        return 0
+    folder = Path(data.class_data_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"data.class_data_dir = {str(folder)!r}: cannot create it ({exc.strerror})") from None
+    mine = [(i, p) for i, p in missing if i % world_size == rank]
+    made = _generate(config, parts, mine, folder) if mine else 0
+    deadline = time.monotonic() + 3600
+    while any(not p.is_file() for _, p in missing):
+        if time.monotonic() > deadline:
+            raise DataError(f"data.class_data_dir = {str(folder)!r}: other processes did not finish class images")
+        time.sleep(1.0)
+    return made
+
+
+def _generate(config: RunConfig, parts, todo: list[tuple[int, Path]], folder: Path) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    data = config.data
+    pipe = parts.pipeline()
+    size = data.resolution
+    extension = data.caption_extension if data.caption_extension.startswith(".") else f".{data.caption_extension}"
+    batch = data.sample_batch_size
+    bar = tqdm(total=len(todo), desc="Generating class images", unit="img")
+    made = 0
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        generators = [torch.Generator("cpu").manual_seed(config.train.seed + index) for index, _ in chunk]
+        with torch.no_grad():
+            images = pipe(
+                prompt=[data.class_prompt] * len(chunk),
+                height=size,
+                width=size,
+                num_inference_steps=data.class_inference_steps,
+                generator=generators,
+            ).images
+        for (_, path), image in zip(chunk, images):
+            tmp = path.with_name(f".{path.name}.tmp")
+            image.save(tmp, format="PNG")
+            path.with_suffix(extension).write_text(data.class_prompt + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+            made += 1
+        bar.update(len(chunk))
+    bar.close()
+    logger.info("generated %d class images in %s", made, folder)
+    return made
