@@ -1,0 +1,217 @@
+"""Render prompts x seeds through a stock diffusers pipeline, and the validation grid every trainer shows.
+
+Sampling during training must leave training exactly as it was: no gradients, modules back in their own
+train/eval modes, the global RNG streams untouched (exact resume depends on them), adapter scale back at 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tuner.errors import TunerError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from tuner.models import Parts
+    from tuner.trainer import Trainer
+
+FALLBACK_SCHEDULER = "EulerDiscreteScheduler"
+"""Used when a model's own sampling scheduler cannot be read (its training DDPM samples badly in few steps)."""
+
+
+def render(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    max_batch: int = 8,
+) -> list[list[Image.Image]]:
+    """images[prompt][seed]. Each image has its own CPU generator seeded with its seed, so an image does not
+    depend on which other prompts share its batch, nor on the device."""
+    if not prompts or not seeds:
+        raise TunerError(
+            f"nothing to render: prompts={list(prompts)!r}, seeds={list(seeds)!r}; give at least one each"
+        )
+    rows: list[list[Image.Image]] = [[] for _ in prompts]
+    negative = negative_prompt or None  # None keeps each pipeline's own default (SDXL: zero embeddings)
+    for seed in seeds:
+        for start in range(0, len(prompts), max_batch):
+            batch = list(prompts[start : start + max_batch])
+            result = pipe(
+                prompt=batch,
+                negative_prompt=[negative] * len(batch) if negative else None,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                width=width,
+                height=height,
+                generator=[torch.Generator("cpu").manual_seed(int(seed)) for _ in batch],
+                output_type="pil",
+            )
+            for offset, image in enumerate(result.images):
+                rows[start + offset].append(image)
+    return rows
+
+
+def scheduler_from_name(name: str, current: Any) -> Any:
+    """A new scheduler of class `name` configured like `current` (the pipeline's)."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        allowed = sorted(c.__name__ for c in getattr(current, "compatibles", [])) or ["EulerDiscreteScheduler"]
+        raise TunerError(f"scheduler {name!r}: not a diffusers scheduler class; allowed here: {', '.join(allowed)}")
+    return cls.from_config(current.config)
+
+
+def model_scheduler_name(parts: Parts) -> str:
+    """Class name of the base model's own sampling scheduler (PNDM, Euler, DDIM...), not the training DDPM."""
+    try:
+        config = type(parts.noise_scheduler).load_config(parts.source, subfolder="scheduler", revision=parts.revision)
+        return config.get("_class_name") or FALLBACK_SCHEDULER
+    except Exception:  # noqa: BLE001 - an unreadable config only costs the default scheduler
+        return FALLBACK_SCHEDULER
+
+
+def validation_pipeline(parts: Parts, scheduler: str | None = None) -> Any:
+    """The family's stock pipeline over the current parts, with a fresh sampling scheduler.
+
+    Fresh, because `set_timesteps` mutates a scheduler and the training noise scheduler must not change.
+    """
+    pipe = parts.pipeline()
+    pipe.scheduler = scheduler_from_name(scheduler or model_scheduler_name(parts), parts.noise_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def sampling_mode(modules: Sequence[torch.nn.Module], dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """no_grad + eval mode + untouched global RNG for the duration; every submodule's mode is restored."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    states = _rng_states()
+    autocast = (
+        torch.autocast(_device_type(modules), dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad(), autocast:
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        _set_rng_states(states)
+
+
+def render_validation_grid(trainer: Trainer, parts: Parts, step: int) -> Image.Image | None:
+    """prompts x (scales or base/tuned) x seeds as one labeled grid, or None when validation is off.
+
+    Methods that cannot scale their change (`set_adapter_scale` returns False) get a "base" column set,
+    rendered on the first call (the loop makes it at step 0, before training) and kept on the trainer,
+    next to "tuned" columns rendered on every call.
+    """
+    from tuner.grid import make_grid
+
+    config = trainer.config
+    val = config.validation
+    if not val.enabled:
+        return None
+    prompts = validation_prompt_list(trainer)
+    seeds = list(val.seeds)
+    if not prompts:
+        raise TunerError(
+            "validation.prompts is empty and the method has no default prompts; set validation.prompts "
+            "or validation.enabled = false"
+        )
+    if not seeds:
+        raise TunerError("validation.seeds is empty; give at least one seed or set validation.enabled = false")
+    size = config.data.resolution
+    kwargs = dict(
+        negative_prompt=val.negative_prompt,
+        num_inference_steps=val.num_inference_steps,
+        guidance_scale=val.guidance_scale,
+        width=val.width or size,
+        height=val.height or size,
+    )
+    modules = [parts.unet, parts.vae, *parts.text_encoders]
+    scales = list(val.scales) or [1.0]
+    column_sets: list[tuple[str, list[list[Image.Image]]]] = []
+    with sampling_mode(modules, parts.weight_dtype):
+        pipe = validation_pipeline(parts, val.scheduler)
+        try:
+            scalable = trainer.set_adapter_scale(parts, scales[0])
+            if scalable:
+                for scale in scales:
+                    trainer.set_adapter_scale(parts, scale)
+                    column_sets.append((scale_label(scale), render(pipe, prompts, seeds, **kwargs)))
+            else:
+                if getattr(trainer, "_base_images", None) is None:
+                    trainer._base_images = render(pipe, prompts, seeds, **kwargs)
+                    trainer._base_step = step
+                base_step = getattr(trainer, "_base_step", 0)
+                tuned = trainer._base_images if base_step == step else render(pipe, prompts, seeds, **kwargs)
+                column_sets.append(("base" if base_step == 0 else f"step {base_step}", trainer._base_images))
+                column_sets.append(("tuned", tuned))
+        finally:
+            trainer.set_adapter_scale(parts, 1.0)
+
+    images = [[img for _, block in column_sets for img in block[row]] for row in range(len(prompts))]
+    col_labels = [f"{name}\nseed {seed}" for name, _ in column_sets for seed in seeds]
+    title = f"{trainer.name} · step {step} · {pipe.scheduler.__class__.__name__}, {val.num_inference_steps} steps"
+    return make_grid(images, prompts, col_labels, title=title, groups=len(column_sets))
+
+
+def validation_prompt_list(trainer: Trainer) -> list[str]:
+    """`validation.prompts` with `{token}` expanded, or the method's own default prompts."""
+    config = trainer.config
+    token = config.data.token
+    prompts = list(config.validation.prompts)
+    if not prompts:
+        return list(trainer.validation_prompts())
+    if token is None and any("{token}" in p for p in prompts):
+        raise TunerError("validation.prompts use {token} but data.token is not set; set data.token")
+    return [p.replace("{token}", token or "") for p in prompts]
+
+
+def scale_label(scale: float) -> str:
+    return "base" if scale == 0 else f"scale {scale:g}"
+
+
+def _device_type(modules: Sequence[torch.nn.Module]) -> str:
+    for module in modules:
+        for param in module.parameters():
+            return param.device.type
+    return "cpu"
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        states["numpy"] = np.random.get_state()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.random.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy as np
+
+        np.random.set_state(states["numpy"])
