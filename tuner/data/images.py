@@ -50,6 +50,13 @@ def parse_color(value: str, field: str = "data.background_color") -> tuple[int, 
         raise ConfigError(f"{field} = {value!r}: not a color; use a name such as 'white' or '#rrggbb'") from None
 
 
+def _png_declared_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR, read by hand: a header-only bomb may not even open."""
+    if len(data) >= 24 and data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Open (header only) with our own pixel limit, so a bomb is refused before any decoding."""
     if not data:
@@ -61,13 +68,21 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageProblem("decompression bomb", str(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        declared = _png_declared_size(data)
+        if declared and declared[0] * declared[1] > max_pixels:
+            width, height = declared
+            raise ImageProblem(
+                "decompression bomb",
+                f"header declares {width}x{height} = {width * height} pixels > data.max_image_pixels = {max_pixels}",
+            ) from None
         if data.startswith(_SIGNATURES):
             raise ImageProblem("corrupt", f"{type(exc).__name__}: {exc}") from None
         raise ImageProblem("not an image", "contents are not a known image format") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageProblem(
-            "decompression bomb", f"{width}x{height} = {width * height} pixels > data.max_image_pixels = {max_pixels}"
+            "decompression bomb",
+            f"header declares {width}x{height} = {width * height} pixels > data.max_image_pixels = {max_pixels}",
         )
     if width < 1 or height < 1:
         raise ImageProblem("corrupt", f"size {width}x{height}")

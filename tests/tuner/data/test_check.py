@@ -1,0 +1,85 @@
+"""Bad input: every file of a hostile corpus ends up used, skipped or refused with the right reason, no trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from tuner.data import build_training_data, check_data
+from tuner.errors import DataError
+
+
+def test_check_reports_every_file_with_its_reason(corpus, corpus_expected, make_config):
+    report = check_data(make_config(corpus))
+    got = {f.name: (f.status, f.reason) for f in report.files}
+    assert got == corpus_expected
+    assert (report.found, report.used) == (len(corpus_expected), 10)
+    assert report.skipped == 3 and report.refused == 6
+    assert report.ignored_files == 1  # notes.md
+    assert report.dropped_from_buckets == 0
+    duplicate = next(f for f in report.files if f.name == "twin.png")
+    assert "good.png" in duplicate.detail
+    bomb = next(f for f in report.files if f.name == "bomb.png")
+    assert "10000x10000" in bomb.detail
+
+    text = report.to_text()
+    for name, (status, reason) in corpus_expected.items():
+        if status != "used":
+            assert name in text and reason in text
+    assert "10 used, 3 skipped, 6 refused" in text
+    data = json.loads(report.to_json())
+    assert data["summary"]["reasons"]["truncated"] == 1
+    assert sum(b["images"] for b in data["buckets"].values()) == 10
+    assert data["captions"]["count"] == 10
+    assert ["red", 2] in data["captions"]["top_tags"]
+    assert any(f["name"] == "café_日本.png" and f["status"] == "used" for f in data["files"])
+
+
+def test_policy_skip_warns_and_trains_policy_error_stops(corpus, make_config, tiny_parts, caplog):
+    parts = tiny_parts("sd1")
+    with caplog.at_level(logging.WARNING, logger="tuner.data"):
+        data = build_training_data(make_config(corpus), parts, frozenset({"latents"}), verbose=False)
+    assert data.num_examples == 10
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert "truncated.jpg" in warning and "bomb.png" in warning and "twin.png" in warning
+
+    with pytest.raises(DataError) as err:
+        build_training_data(make_config(corpus, bad_file_policy="error"), parts, frozenset({"latents"}))
+    message = str(err.value)
+    assert "bad_file_policy" in message and "9 file(s)" in message
+    for name in ("truncated.jpg", "bomb.png", "text.png", "empty.png", "corrupt.png", "latin1.png", "tiny.png"):
+        assert name in message
+
+
+def test_missing_and_empty_paths_are_clear_errors(tmp_path, make_config, tiny_parts):
+    missing = tmp_path / "nope" / "images"
+    with pytest.raises(DataError, match="no such folder") as err:
+        check_data(make_config(missing))
+    assert str(missing) in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("no images here")
+    report = check_data(make_config(empty))
+    assert report.found == 0
+    with pytest.raises(DataError, match="no usable training images") as err:
+        build_training_data(make_config(empty), tiny_parts("sd1"), frozenset({"latents"}), verbose=False)
+    assert str(empty) in str(err.value)
+
+
+def test_only_bad_files_is_an_error_naming_the_reasons(tmp_path, make_config, tiny_parts):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_text("hello")
+    with pytest.raises(DataError) as err:
+        build_training_data(make_config(tmp_path), tiny_parts("sd1"), frozenset({"latents"}), verbose=False)
+    assert "zero bytes" in str(err.value) and "not an image" in str(err.value)
+
+
+def test_missing_caption_uses_instance_prompt_or_template(tmp_path, make_config, noise_image):
+    noise_image(tmp_path / "a.png", seed=1)
+    assert check_data(make_config(tmp_path)).files[0].reason == "missing caption"
+    report = check_data(make_config(tmp_path, instance_prompt="a photo of sks dog"))
+    assert report.used == 1
+    report = check_data(make_config(tmp_path, caption_template="a photo of {token}", token="sks"))
+    assert report.used == 1
