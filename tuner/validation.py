@@ -77,6 +77,9 @@ def scheduler_from_name(name: str, current: Any) -> Any:
 
 def model_scheduler_name(parts: Parts) -> str:
     """Class name of the base model's own sampling scheduler (PNDM, Euler, DDIM...), not the training DDPM."""
+    own = getattr(parts, "sample_scheduler", None)
+    if own is not None:
+        return type(own).__name__
     try:
         config = type(parts.noise_scheduler).load_config(parts.source, subfolder="scheduler", revision=parts.revision)
         return config.get("_class_name") or FALLBACK_SCHEDULER
@@ -90,7 +93,8 @@ def validation_pipeline(parts: Parts, scheduler: str | None = None) -> Any:
     Fresh, because `set_timesteps` mutates a scheduler and the training noise scheduler must not change.
     """
     pipe = parts.pipeline()
-    pipe.scheduler = scheduler_from_name(scheduler or model_scheduler_name(parts), parts.noise_scheduler)
+    own = getattr(parts, "sample_scheduler", None) or parts.noise_scheduler
+    pipe.scheduler = scheduler_from_name(scheduler or model_scheduler_name(parts), own)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -161,6 +161,8 @@ def test_sampling_uses_the_models_own_scheduler_and_never_the_training_one(tiny_
     pipe = validation_pipeline(parts)
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     assert pipe.scheduler is not parts.noise_scheduler
+    assert pipe.scheduler is not getattr(parts, "sample_scheduler", None)
+    assert pipe.scheduler.config.skip_prk_steps  # configured as the model's own scheduler
     assert type(validation_pipeline(parts, "DDIMScheduler").scheduler).__name__ == "DDIMScheduler"
     with pytest.raises(TunerError, match="EulerDiscreteScheduler"):
         validation_pipeline(parts, "NoSuchScheduler")

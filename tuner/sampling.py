@@ -1,0 +1,302 @@
+"""`tuner sample` / `tuner grid`: load a stock pipeline plus LoRAs and embeddings, render, write PNGs.
+
+Everything loads through diffusers' own loaders (`load_lora_weights`, `load_textual_inversion`), so what
+this shows is what any diffusers user gets. User files are read as safetensors only: pickle files
+(`.bin`, `.ckpt`, `.pt`) can run code when loaded and are refused.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuner.errors import TunerError
+from tuner.validation import render, scale_label, scheduler_from_name
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+@dataclass
+class SampleResult:
+    """What `sample` wrote: single images (prompt-major, then scale, then seed) and the grid."""
+
+    images: list[Path] = field(default_factory=list)
+    grid: Path | None = None
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion file and the token that will stand for it in prompts (default: from the file)."""
+
+    path: str | Path
+    token: str | None = None
+
+
+def sample(
+    model: str,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    lora: Sequence[str | Path] = (),
+    lora_scales: Sequence[float] = (1.0,),
+    embeddings: Sequence[Embedding | str | Path] = (),
+    vae: str | None = None,
+    scheduler: str | None = None,
+    negative_prompt: str | None = None,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    grid: bool = True,
+    write_images: bool = True,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> SampleResult:
+    """Render prompts x seeds x LoRA scales (0 = the base model) with the model's stock pipeline.
+
+    Writes `<out>/<prompt-slug>_seed<s>_scale<x>.png` (no `_scale` part without LoRAs) unless
+    `write_images` is false, and `<out>/grid.png` (rows = prompts, columns = scale x seed) when `grid`.
+    Every LoRA is applied at the same scale. Size defaults to the model's native size.
+    """
+    prompts = list(prompts)
+    seeds = [int(s) for s in seeds]
+    if not prompts:
+        raise TunerError("sample: no prompts; give at least one --prompt")
+    if not seeds:
+        raise TunerError("sample: no seeds; give at least one --seeds value")
+    if steps < 1:
+        raise TunerError(f"--steps {steps}: must be at least 1")
+    for name, value in (("--width", width), ("--height", height)):
+        if value is not None and (value < 8 or value % 8):
+            raise TunerError(f"{name} {value}: must be a positive multiple of 8")
+    lora_paths = [lora_file(p) for p in lora]
+    embedding_specs = [e if isinstance(e, Embedding) else Embedding(e) for e in embeddings]
+    scales = [float(s) for s in lora_scales] if lora_paths else [1.0]
+    if not scales:
+        raise TunerError("--lora-scale: give at least one scale (0 = base model, 1 = as trained)")
+    if not grid and not write_images:
+        raise TunerError("sample: nothing to write (grid and single images are both off)")
+
+    pipe = load_pipeline(model, vae=vae, scheduler=scheduler, device=device, dtype=dtype)
+    adapters = load_loras(pipe, lora_paths)
+    for spec in embedding_specs:
+        load_embedding(pipe, spec)
+
+    kwargs = dict(
+        negative_prompt=negative_prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        width=width,
+        height=height,
+    )
+    blocks: list[list[list[Any]]] = []  # [scale][prompt][seed]
+    for scale in scales:
+        if adapters:
+            set_lora_scale(pipe, adapters, scale)
+        blocks.append(render(pipe, prompts, seeds, **kwargs))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = SampleResult()
+    if write_images:
+        slugs = unique_slugs(prompts)
+        for p, slug in enumerate(slugs):
+            for s, scale in enumerate(scales):
+                for k, seed in enumerate(seeds):
+                    suffix = f"_scale{scale:g}" if adapters else ""
+                    path = out / f"{slug}_seed{seed}{suffix}.png"
+                    blocks[s][p][k].save(path)
+                    result.images.append(path)
+    if grid:
+        from tuner.grid import make_grid
+
+        images = [
+            [blocks[s][p][k] for s in range(len(scales)) for k in range(len(seeds))] for p in range(len(prompts))
+        ]
+        col_labels = [
+            f"{scale_label(scale)}\nseed {seed}" if adapters else f"seed {seed}" for scale in scales for seed in seeds
+        ]
+        title = _title(model, lora_paths, embedding_specs, pipe, steps, guidance_scale)
+        result.grid = out / "grid.png"
+        make_grid(images, prompts, col_labels, title=title, groups=len(scales)).save(result.grid)
+    return result
+
+
+def load_pipeline(
+    model: str,
+    *,
+    vae: str | None = None,
+    scheduler: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """The model's stock diffusers pipeline (optionally with another VAE and scheduler), ready to sample."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from tuner.models import resolve_model_path
+
+    source = resolve_model_path(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    components: dict[str, Any] = {}
+    try:
+        if vae:
+            components["vae"] = AutoencoderKL.from_pretrained(vae)
+    except (OSError, ValueError) as exc:
+        raise TunerError(f"--vae {vae!r}: not an AutoencoderKL folder or hub id ({_first_line(exc)})") from None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **components)
+    except (OSError, ValueError) as exc:
+        raise TunerError(
+            f"--model {model!r}: not a diffusers pipeline folder, or it could not be fetched from the hub "
+            f"({_first_line(exc)}); `tuner make-tiny DIR` writes a tiny one"
+        ) from None
+    if scheduler:
+        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    # Cast after loading: the dtype keyword of from_pretrained was renamed across supported diffusers versions.
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+
+
+def lora_file(path: str | Path) -> Path:
+    """The safetensors file to load: the path itself, or `pytorch_lora_weights.safetensors` in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / LORA_FILE
+        if candidate.is_file():
+            return candidate
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        raise TunerError(
+            f"--lora {str(path)!r}: folder has no {LORA_FILE}; pass one of its files instead"
+            + (f" ({', '.join(found)})" if found else " (it holds no .safetensors file)")
+        )
+    return _safetensors_file(path, "--lora")
+
+
+def load_loras(pipe: Any, paths: Sequence[Path]) -> list[str]:
+    """Load each LoRA (diffusers/peft or kohya keys; diffusers tells them apart) as its own adapter."""
+    names: list[str] = []
+    for i, path in enumerate(paths):
+        name = f"lora{i}_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)[:40]}"
+        try:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a file that does not fit
+            raise TunerError(
+                f"--lora {str(path)!r}: could not be loaded into this model ({_first_line(exc)})"
+            ) from None
+        names.append(name)
+    return names
+
+
+def set_lora_scale(pipe: Any, names: Sequence[str], scale: float) -> None:
+    """Every adapter at `scale`; 0 disables them, so the base model runs exactly as without LoRA."""
+    if scale == 0:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters(list(names), adapter_weights=[scale] * len(names))
+
+
+def load_embedding(pipe: Any, spec: Embedding) -> str:
+    """Add a textual-inversion embedding to the pipeline's tokenizer(s) and text encoder(s); returns the token.
+
+    Accepted files: `{token: T}` (diffusers), `{"emb_params": T}` (kohya, A1111), and for SDXL
+    `{"clip_l": T, "clip_g": T}`. The default token is the single key of a diffusers file, else the file stem
+    (as A1111 names embeddings).
+    """
+    from safetensors.torch import load_file
+
+    path = _safetensors_file(Path(spec.path), "--embedding")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a damaged header raises several kinds
+        raise TunerError(f"--embedding {str(path)!r}: not a readable safetensors file ({_first_line(exc)})") from None
+    two_encoders = getattr(pipe, "text_encoder_2", None) is not None
+    token = spec.token
+    try:
+        if two_encoders:
+            if not {"clip_l", "clip_g"} <= state.keys():
+                raise TunerError(
+                    f"--embedding {str(path)!r}: an SDXL model needs both 'clip_l' and 'clip_g' tensors; "
+                    f"this file has {sorted(state)}"
+                )
+            token = token or path.stem
+            pipe.load_textual_inversion(
+                state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+            )
+            pipe.load_textual_inversion(
+                state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+            )
+            return token
+        if "clip_l" in state or "clip_g" in state:
+            raise TunerError(
+                f"--embedding {str(path)!r}: holds SDXL 'clip_l'/'clip_g' tensors; this model is not SDXL"
+            )
+        if len(state) != 1:
+            raise TunerError(
+                f"--embedding {str(path)!r}: expected one tensor ({{token: T}} or {{'emb_params': T}}), "
+                f"found {sorted(state)}"
+            )
+        ((key, tensor),) = state.items()
+        token = token or (path.stem if key == "emb_params" else key)
+        pipe.load_textual_inversion(tensor, token=token)
+        return token
+    except TunerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - wrong width, token already in the vocabulary, ...
+        raise TunerError(f"--embedding {str(path)!r} as {token!r}: could not be loaded ({_first_line(exc)})") from None
+
+
+def slug(prompt: str, max_len: int = 60) -> str:
+    """A file-name-safe ASCII form of a prompt ("A photo of <sks> dog!" -> "a-photo-of-sks-dog")."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return text[:max_len].rstrip("-") or "prompt"
+
+
+def unique_slugs(prompts: Sequence[str]) -> list[str]:
+    """Slugs that never collide (two prompts may slug alike, e.g. non-Latin ones)."""
+    seen: dict[str, int] = {}
+    out = []
+    for prompt in prompts:
+        base = slug(prompt)
+        seen[base] = seen.get(base, 0) + 1
+        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return out
+
+
+def _safetensors_file(path: Path, flag: str) -> Path:
+    if not path.is_file():
+        raise TunerError(f"{flag} {str(path)!r}: file not found")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise TunerError(
+            f"{flag} {str(path)!r}: refusing a pickle file ({path.suffix}); loading one can run arbitrary code. "
+            "Convert it to .safetensors with a tool you trust"
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise TunerError(f"{flag} {str(path)!r}: expected a .safetensors file")
+    return path
+
+
+def _title(
+    model: str, loras: Sequence[Path], embeddings: Sequence[Embedding], pipe: Any, steps: int, cfg: float
+) -> str:
+    name = Path(model.rstrip("/")).name or model
+    # A LoRA saved under the default file name is known by its folder (the run's name).
+    extras = [p.parent.name if p.name == LORA_FILE else p.stem for p in loras]
+    extras += [Path(e.path).stem for e in embeddings]
+    with_extras = f"{name} + {', '.join(extras)}" if extras else name
+    return f"{with_extras} · {type(pipe.scheduler).__name__}, {steps} steps, guidance {cfg:g}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
