@@ -1,0 +1,45 @@
+"""DreamBooth class images: generated once with the stock pipeline, reused by the next run, seeded per image."""
+
+from __future__ import annotations
+
+from tuner.data import build_training_data, check_data
+
+
+def test_class_images_are_generated_once_and_reused(tmp_path, make_config, noise_image, tiny_parts):
+    parts = tiny_parts("sd1")
+    instance, classes = tmp_path / "instance", tmp_path / "class"
+    instance.mkdir()
+    for i in range(2):
+        noise_image(instance / f"{i}.png", seed=i)
+    config = make_config(
+        instance, instance_prompt="a photo of sks dog", with_prior_preservation=True, class_data_dir=str(classes),
+        class_prompt="a photo of dog", num_class_images=3, sample_batch_size=2, class_inference_steps=2,
+    )  # fmt: skip
+    report = check_data(config)
+    assert report.class_images["to_generate"] == 3 and not classes.exists(), "the check generates nothing"
+
+    calls = []
+    handle = parts.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        data = build_training_data(config, parts, frozenset({"latents", "text_embeds"}), verbose=False)
+        first = len(calls)
+        assert first > 0
+        made = sorted(p.name for p in classes.glob("*.png"))
+        assert len(made) == 3 and len(list(classes.glob("*.txt"))) == 3
+        assert (classes / made[0]).with_suffix(".txt").read_text(encoding="utf-8").strip() == "a photo of dog"
+        batch = next(data.iterate(0))
+        assert batch["is_prior"].tolist() == [False, False, True, True]
+        assert batch["captions"] == ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2
+        assert batch["latent_mean"].shape[0] == 4
+
+        build_training_data(config, parts, frozenset({"latents", "text_embeds"}), verbose=False)
+        assert len(calls) == first, "the second run must not call the pipeline"
+        assert check_data(config).class_images["to_generate"] == 0
+
+        original = (classes / made[1]).read_bytes()
+        (classes / made[1]).unlink()
+        build_training_data(config, parts, frozenset({"latents"}), verbose=False)
+        assert len(calls) > first, "a missing class image is generated again"
+        assert (classes / made[1]).read_bytes() == original, "same seed per image -> same image"
+    finally:
+        handle.remove()
