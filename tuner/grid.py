@@ -7,6 +7,7 @@ wrap and then truncate), so `grid_size` gives the exact pixel size of any grid b
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -206,11 +207,30 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _renderable(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
-    """Text the font can draw without raising: the bitmap fallback font (Pillow without FreeType) is latin-1."""
+    """Text the font can draw: control characters become spaces, and letters the font lacks fall back to
+    their unaccented form ("café" -> "cafe"; Pillow's bundled font covers little beyond ASCII). Letters
+    with no such form stay as they are and draw as boxes. The bitmap font (Pillow without FreeType) is latin-1.
+    """
     text = "".join(ch if ch.isprintable() or ch == "\n" else " " for ch in text.replace("\t", " "))
-    if isinstance(font, ImageFont.FreeTypeFont):
-        return text
-    return text.encode("latin-1", "replace").decode("latin-1")
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return text.encode("latin-1", "replace").decode("latin-1")
+    size = int(font.size)
+    return "".join(ch if ch == "\n" or _has_glyph(size, ch) else _plain_form(size, ch) for ch in text)
+
+
+@cache
+def _has_glyph(size: int, ch: str) -> bool:
+    font = _font(size)
+    if not isinstance(font, ImageFont.FreeTypeFont) or ch.isspace():
+        return True
+    missing = font.getmask("\uffff")
+    mask = font.getmask(ch)
+    return not (mask.size == missing.size and bytes(mask) == bytes(missing))
+
+
+def _plain_form(size: int, ch: str) -> str:
+    plain = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+    return plain if plain and plain != ch and all(_has_glyph(size, c) for c in plain) else ch
 
 
 def _draw_lines(draw: ImageDraw.ImageDraw, lines: list[str], font, x: int, y: int, line_h: int) -> None:

@@ -120,6 +120,13 @@ def test_any_text_renders_without_error(label):
     assert grid.size == grid_size(1, 2, (128, 128), title=bool(label))
 
 
+def test_accented_letters_the_font_lacks_draw_as_their_plain_form():
+    tiles = _tiles(1, 1)
+    accented = np.asarray(make_grid(tiles, ["café Pokémon"], ["naïve"], title="crème"))
+    plain = np.asarray(make_grid(tiles, ["cafe Pokemon"], ["naive"], title="creme"))
+    assert np.array_equal(accented, plain)
+
+
 def test_long_labels_wrap_then_truncate_inside_their_box():
     font = ImageFont.load_default(size=13)
     text = "a very long prompt " * 40
