@@ -11,7 +11,8 @@ import logging
 
 from tuner.config import RunConfig
 from tuner.data.buckets import Bucketer
-from tuner.data.check import Entry, inspect_items
+from tuner.data.cache import default_cache_dir
+from tuner.data.check import Entry, InspectMemo, inspect_items
 from tuner.data.loader import TrainingData
 from tuner.data.prior import class_listing, ensure_class_images
 from tuner.data.report import DataReport
@@ -65,7 +66,8 @@ def build_training_data(
     listing = list_sources(config)
     ensure_class_images(config, parts, rank=rank, world_size=world_size)
     class_info = class_listing(config, listing)
-    entries, records = inspect_items(listing.items, data, bucketer)
+    memo = InspectMemo(default_cache_dir(config) / "inspect.json", data.max_image_pixels)
+    entries, records = inspect_items(listing.items, data, bucketer, memo)
     report = DataReport.build(config, listing, entries, records, class_info=class_info)
     instance = [e for e in entries if not e.item.is_class]
     class_entries = [e for e in entries if e.item.is_class]

@@ -8,15 +8,19 @@ resolution, no caption and no fallback). Bad input never raises a trace: it beco
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from tuner.config import DataConfig, RunConfig
 from tuner.data.buckets import Bucketer, Size
+from tuner.data.cache import default_cache_dir
 from tuner.data.captions import format_caption, template_needs_caption
 from tuner.data.images import ImageProblem, inspect_image
 from tuner.data.report import DataReport, FileRecord
 from tuner.data.sources import Item, Listing, list_sources
+from tuner.errors import ConfigError
 
 REFUSED = ("zero bytes", "not an image", "corrupt", "truncated", "decompression bomb", "unreadable caption encoding",
            "missing file", "unreadable file")  # fmt: skip
@@ -44,21 +48,79 @@ def min_side(data: DataConfig) -> int:
 
 def _caption(data: DataConfig, item: Item) -> str | None:
     base = item.caption if item.caption is not None else item.fallback
+    if item.is_class:  # class prompts stay as written: the instance template would leak the token into them
+        return " ".join(p for p in (item.prefix, base) if p) if base is not None else None
     if base is None and template_needs_caption(data):
         return None
     return format_caption(data, base or "", item.prefix)
 
 
+class InspectMemo:
+    """What inspecting a file found, keyed by (path, size, mtime): a re-run neither hashes nor decodes it again."""
+
+    def __init__(self, path: Path | None, max_pixels: int):
+        self.path, self.max_pixels = path, max_pixels
+        self.rows: dict[str, dict] = {}
+        self.dirty = False
+        if path is not None and path.is_file():
+            try:
+                self.rows = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.rows = {}
+
+    def key(self, item: Item) -> str | None:
+        if item.path is None or item.data is not None:
+            return None
+        try:
+            stat = item.path.stat()
+        except OSError:
+            return None
+        return f"{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.max_pixels}"
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.rows), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only data folder only costs the re-inspection next time
+
+
+def _inspect(item: Item, max_pixels: int, memo: InspectMemo | None) -> dict:
+    """{"sha256", "width", "height", "mode"} or {"reason", "detail"} for one item, from the memo if possible."""
+    key = memo.key(item) if memo else None
+    if key and key in memo.rows:
+        return memo.rows[key]
+    try:
+        raw = item.read_bytes()
+    except OSError as exc:
+        return {"reason": "unreadable file", "detail": exc.strerror or str(exc)}
+    try:
+        info = inspect_image(raw, max_pixels)
+        found = {"sha256": hashlib.sha256(raw).hexdigest(), "width": info.width, "height": info.height,
+                 "mode": info.mode}  # fmt: skip
+    except ImageProblem as exc:
+        found = {"reason": exc.reason, "detail": exc.detail}
+    if key:
+        memo.rows[key] = found
+        memo.dirty = True
+    return found
+
+
 def inspect_items(
-    items: list[Item], data: DataConfig, bucketer: Bucketer, progress: Callable | None = None
+    items: list[Item], data: DataConfig, bucketer: Bucketer, memo: InspectMemo | None = None
 ) -> tuple[list[Entry], list[FileRecord]]:
     """Hash and decode every item once; return the usable entries and one record per item."""
+    from tqdm.auto import tqdm
+
     entries: list[Entry] = []
     records: list[FileRecord] = []
     first_by_hash: dict[str, str] = {}
     smallest = min_side(data)
-    iterator = progress(items) if progress else items
-    for item in iterator:
+    for item in tqdm(items, desc="Checking images", unit="img", disable=len(items) < 500):
 
         def record(status: str, reason: str | None = None, detail: str = "", item: Item = item) -> None:
             records.append(FileRecord(item.name, item.origin, status, reason, detail, item.is_class))
@@ -66,28 +128,21 @@ def inspect_items(
         if item.problem and item.problem[0] == "missing file":
             record("refused", *item.problem)
             continue
-        try:
-            raw = item.read_bytes()
-        except OSError as exc:
-            record("refused", "unreadable file", exc.strerror or str(exc))
-            continue
-        try:
-            info = inspect_image(raw, data.max_image_pixels)
-        except ImageProblem as exc:
-            record("refused", exc.reason, exc.detail)
+        found = _inspect(item, data.max_image_pixels, memo)
+        if "reason" in found:
+            record("refused", found["reason"], found["detail"])
             continue
         if item.problem:
             record("refused", *item.problem)
             continue
-        digest = hashlib.sha256(raw).hexdigest()
+        digest, size = found["sha256"], (found["width"], found["height"])
         if digest in first_by_hash:
             record("skipped", "duplicate", f"same content as {first_by_hash[digest]}")
             continue
-        size = (info.width, info.height)
         bucket = bucketer.bucket_for(size) if min(size) >= smallest else None
         if bucket is None:
             record(
-                "skipped", "too small", f"{info.width}x{info.height}; the shorter side must be at least {smallest} "
+                "skipped", "too small", f"{size[0]}x{size[1]}; the shorter side must be at least {smallest} "
                 f"(data.min_image_side) to train at resolution {data.resolution}"
             )  # fmt: skip
             continue
@@ -100,7 +155,9 @@ def inspect_items(
             continue
         first_by_hash[digest] = item.name
         entries.append(Entry(item, digest, size, caption, bucket))
-        record("used", None, f"{info.width}x{info.height} {info.mode} -> bucket {bucket[0]}x{bucket[1]}")
+        record("used", None, f"{size[0]}x{size[1]} {found['mode']} -> bucket {bucket[0]}x{bucket[1]}")
+    if memo:
+        memo.save()
     return entries, records
 
 
@@ -116,5 +173,41 @@ def check_data(config: RunConfig, parts=None, *, listing: Listing | None = None)
     bucketer = Bucketer(data, parts.vae_scale_factor if parts is not None else 8)
     listing = listing or list_sources(config)
     class_info = class_listing(config, listing)
-    entries, records = inspect_items(listing.items, data, bucketer)
+    memo = InspectMemo(default_cache_dir(config) / "inspect.json", data.max_image_pixels)
+    entries, records = inspect_items(listing.items, data, bucketer, memo)
     return DataReport.build(config, listing, entries, records, class_info=class_info)
+
+
+def check_config(path: str | None, config_file: str | None = None, sets: list[str] | None = None) -> RunConfig:
+    """The run config `tuner check-data` inspects: the file's (any method) or data-only defaults, then PATH, --set."""
+    from pydantic import ValidationError
+
+    from tuner.config import build_config, deep_merge, format_validation_error, parse_set, read_toml
+
+    layers: list[tuple[str, dict]] = []
+    if config_file:
+        layers.append((str(config_file), read_toml(config_file)))
+    if path:
+        layers.append(("PATH", {"data": {"path": str(path)}}))
+    layers += [(f"--set {s}", parse_set(s)) for s in sets or []]
+    merged: dict = {}
+    for _, layer in layers:
+        merged = deep_merge(merged, layer)
+    if merged.get("method"):
+        return build_config(layers)
+    try:
+        return RunConfig.model_validate({**merged, "method": "check-data"})
+    except ValidationError as exc:
+        sources = " < ".join(label for label, _ in layers) or "check-data"
+        raise ConfigError(format_validation_error(exc, RunConfig, sources)) from None
+
+
+def check_data_main(
+    path: str | None, config_file: str | None = None, sets: list[str] | None = None, as_json: bool = False
+) -> int:
+    """`tuner check-data`: print the report (text or JSON); exit status 1 when training would refuse this data."""
+    config = check_config(path, config_file, sets)
+    report = check_data(config)
+    print(report.to_json() if as_json else report.to_text())
+    blocked = report.used == 0 or (config.data.bad_file_policy == "error" and report.problems)
+    return 1 if blocked else 0

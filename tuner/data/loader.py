@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from tuner.config import RunConfig
-from tuner.data.buckets import Bucketer, Placement, Size, apply
-from tuner.data.cache import TensorCache, default_cache_dir, digest, text_identity, vae_identity
+from tuner.data.assemble import Assembler, Row
+from tuner.data.buckets import Bucketer, Placement, Size
 from tuner.data.captions import step_caption, varies
 from tuner.data.check import Entry
-from tuner.data.images import open_rgb, parse_color, to_tensor_array
 from tuner.data.report import DataReport
 from tuner.errors import DataError
 
@@ -36,17 +35,6 @@ _ORDER, _FLIP, _CROP, _CAPTION, _CLASS, _SAMPLE = range(6)
 
 def rng_for(seed: int, epoch: int, index: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed % 2**32, epoch, index, purpose])
-
-
-@dataclass(frozen=True)
-class Row:
-    """One example as a batch sees it: which image, where it sits in its bucket, flipped or not, its caption."""
-
-    entry: Entry
-    placement: Placement
-    flip: bool
-    caption: str
-    is_prior: bool = False
 
 
 @dataclass
@@ -87,7 +75,6 @@ class TrainingData:
         self.seed = config.train.seed
         self.bucketer = bucketer
         self.report = report
-        self.background = parse_color(self.data.background_color)
         self.with_prior_preservation = self.data.with_prior_preservation
         self.entries, self.class_entries, self._holdout_entries = entries, class_entries, holdout
         self.examples: list[Entry] = [e for e in entries for _ in range(e.item.repeats)]
@@ -100,18 +87,8 @@ class TrainingData:
         self._class_pool = self._assign_class_buckets()
         self._schedule_cache: tuple[int, list[tuple[Size, int, np.ndarray]]] | None = None
 
-        self.want_latents = "latents" in self.needs
-        self.latents_cached = self.want_latents and self.data.cache_latents and self.data.crop != "random"
-        self.want_pixels = "pixels" in self.needs or (self.want_latents and not self.latents_cached)
-        self.want_text = "text_embeds" in self.needs
-        self.text_cached = self.want_text and self.data.cache_text_embeds and not self.data.shuffle_tags
-        self.want_ids = "input_ids" in self.needs
-        root = default_cache_dir(config)
-        self.cache_dir = root
-        self.latent_cache = TensorCache(root, "latents") if self.latents_cached else None
-        self.text_cache = TensorCache(root, "text") if self.text_cached else None
-        self._vae_id = vae_identity(config, parts) if self.latents_cached else None
-        self._text_id = text_identity(config, parts) if self.text_cached else None
+        self.assembler = Assembler(config, parts, self.needs)
+        self.cache_dir = self.assembler.cache_dir
 
         report.batching = {
             "examples": self.num_examples,
@@ -200,117 +177,33 @@ class TrainingData:
             rows += [self._class_row(epoch, bucket, first + j, row) for j, row in enumerate(rows)]
         return rows
 
-    # --- tensors ------------------------------------------------------------------------------------------
-    def pixels(self, row: Row) -> torch.Tensor:
-        img = open_rgb(row.entry.item.read_bytes(), self.background, self.data.max_image_pixels)
-        return torch.from_numpy(to_tensor_array(apply(img, row.placement, row.flip)))
-
-    def _latent_key(self, row: Row) -> str:
-        p = row.placement
-        return digest(
-            {"image": row.entry.sha256, "model": self._vae_id, "bucket": p.bucket, "resize": p.resized,
-             "crop": [p.left, p.top], "flip": row.flip, "mode": self.data.latent_cache_mode}
-        )  # fmt: skip
-
-    def _encode_rows(self, rows: list[Row], keys: list[str]) -> list[dict[str, torch.Tensor]]:
-        from tuner.conditioning import encode_pixels
-
-        pixels = torch.stack([self.pixels(r) for r in rows])
-        with torch.no_grad():
-            mean, std = encode_pixels(self.parts, pixels)
-        mean, std = mean.detach().cpu(), std.detach().cpu()
-        out = []
-        for i, key in enumerate(keys):
-            if self.data.latent_cache_mode == "sample":
-                generator = torch.Generator().manual_seed(int(key[:15], 16))
-                noise = torch.randn(mean[i].shape, generator=generator, dtype=torch.float32).to(mean.dtype)
-                value = {"latents": mean[i] + std[i] * noise}
-            else:
-                value = {"latent_mean": mean[i], "latent_std": std[i]}
-            self.latent_cache.put(key, value, {"image": rows[i].entry.name})
-            out.append(value)
-        return out
-
-    def latents(self, rows: list[Row]) -> dict[str, torch.Tensor]:
-        keys = [self._latent_key(r) for r in rows]
-        found: dict[str, dict[str, torch.Tensor]] = {}
-        for key in dict.fromkeys(keys):
-            cached = self.latent_cache.get(key)
-            if cached is not None:
-                found[key] = cached
-        missing = [(r, k) for r, k in zip(rows, keys) if k not in found]
-        if missing:
-            unique = list({k: r for r, k in missing}.items())
-            for (key, _), value in zip(unique, self._encode_rows([r for _, r in unique], [k for k, _ in unique])):
-                found[key] = value
-        names = found[keys[0]].keys()
-        return {name: torch.stack([found[k][name] for k in keys]) for name in names}
-
-    def _text_key(self, caption: str) -> str:
-        return digest({"caption": caption, "model": self._text_id})
-
-    def _encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from tuner.conditioning import encode_captions
-
-        with torch.no_grad():
-            embeds, pooled = encode_captions(self.parts, captions)
-        return embeds.detach().cpu(), None if pooled is None else pooled.detach().cpu()
-
-    def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if not self.text_cached:
-            embeds, pooled = self._encode_captions(captions)
-            return {"prompt_embeds": embeds} | ({} if pooled is None else {"pooled_prompt_embeds": pooled})
-        found: dict[str, dict[str, torch.Tensor]] = {}
-        for caption in dict.fromkeys(captions):
-            cached = self.text_cache.get(self._text_key(caption))
-            if cached is not None:
-                found[caption] = cached
-        missing = [c for c in dict.fromkeys(captions) if c not in found]
-        if missing:
-            found.update(self._fill_text(missing))
-        names = found[captions[0]].keys()
-        return {name: torch.stack([found[c][name] for c in captions]) for name in names}
-
-    def _fill_text(self, captions: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        embeds, pooled = self._encode_captions(captions)
-        out = {}
-        for i, caption in enumerate(captions):
-            value = {"prompt_embeds": embeds[i]} | ({} if pooled is None else {"pooled_prompt_embeds": pooled[i]})
-            self.text_cache.put(self._text_key(caption), value)
-            out[caption] = value
-        return out
-
-    def collate(self, rows: list[Row]) -> dict[str, Any]:
-        captions = [r.caption for r in rows]
-        batch: dict[str, Any] = {
-            "captions": captions,
-            "original_size": torch.tensor([[r.entry.size[1], r.entry.size[0]] for r in rows], dtype=torch.long),
-            "crop_top_left": torch.tensor([r.placement.crop_top_left(r.flip) for r in rows], dtype=torch.long),
-            "target_size": torch.tensor([[r.placement.bucket[1], r.placement.bucket[0]] for r in rows]),
-        }
-        if self.want_pixels:
-            batch["pixel_values"] = torch.stack([self.pixels(r) for r in rows])
-        if self.latents_cached:
-            batch.update(self.latents(rows))
-        if self.want_text:
-            batch.update(self.text(captions))
-        if self.want_ids:
-            from tuner.conditioning import tokenize
-
-            batch["input_ids"] = tokenize(self.parts, captions)
-        if self.with_prior_preservation:
-            batch["is_prior"] = torch.tensor([r.is_prior for r in rows], dtype=torch.bool)
-        return batch
-
     def iterate(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         """This rank's batches of `epoch`, skipping the first `start` (the resume position)."""
         if not 0 <= start <= self.batches_per_epoch:
             raise DataError(f"start = {start}: must be in [0, batches_per_epoch = {self.batches_per_epoch}]")
-        for batch_index in range(start, self.batches_per_epoch):
-            yield self.collate(self.rows(epoch, batch_index))
+        workers = self.data.dataloader_num_workers
+        indices = range(start, self.batches_per_epoch)
+        if workers == 0 or len(indices) < 2:
+            for index in indices:
+                rows = self.rows(epoch, index)
+                yield self.assembler.complete(self.assembler.cpu_part(rows), rows, self.with_prior_preservation)
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_EpochBatches(self, epoch, start), batch_size=None, num_workers=workers)
+        for index, partial in zip(indices, loader):
+            yield self.assembler.complete(partial, self.rows(epoch, index), self.with_prior_preservation)
+
+    def collate(self, rows: list[Row]) -> dict[str, Any]:
+        """The batch of given rows (all in one bucket)."""
+        return self.assembler.complete(self.assembler.cpu_part(rows), rows, self.with_prior_preservation)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    def __getstate__(self) -> dict:
+        """DataLoader workers started by spawn get no models (they only decode and read caches)."""
+        return {**self.__dict__, "parts": None}
 
     # --- warm-up ------------------------------------------------------------------------------------------
     def fill_caches(self) -> dict[str, int]:
@@ -318,8 +211,9 @@ class TrainingData:
         from tqdm.auto import tqdm
 
         made = {"latents": 0, "text": 0}
-        if self.latents_cached:
-            todo = [(r, k) for r in self._static_rows() if not self.latent_cache.has(k := self._latent_key(r))]
+        asm = self.assembler
+        if asm.latents_cached:
+            todo = [(r, k) for r in self._static_rows() if not asm.latent_cache.has(k := asm.latent_key(r))]
             todo = list({k: r for r, k in todo}.items())[self.rank :: self.world_size]
             by_bucket: dict[Size, list[tuple[str, Row]]] = defaultdict(list)
             for key, row in todo:
@@ -329,17 +223,17 @@ class TrainingData:
                 for group in by_bucket.values():
                     for i in range(0, len(group), chunk):
                         part = group[i : i + chunk]
-                        self._encode_rows([r for _, r in part], [k for k, _ in part])
+                        self.assembler.encode_rows([r for _, r in part], [k for k, _ in part])
                         bar.update(len(part))
             made["latents"] = len(todo)
-        if self.text_cached:
-            captions = sorted({c for c in self._static_captions() if not self.text_cache.has(self._text_key(c))})
+        if asm.text_cached:
+            captions = sorted({c for c in self._static_captions() if not asm.text_cache.has(asm.text_key(c))})
             captions = captions[self.rank :: self.world_size]
             with tqdm(
                 total=len(captions), desc="Caching text embeddings", unit="caption", disable=not captions
             ) as bar:
                 for i in range(0, len(captions), 16):
-                    self._fill_text(captions[i : i + 16])
+                    self.assembler.fill_text(captions[i : i + 16])
                     bar.update(len(captions[i : i + 16]))
             made["text"] = len(captions)
         return made
@@ -374,7 +268,21 @@ class TrainingData:
             placement = self.bucketer.place(entry.size, entry.bucket)
             row = Row(entry, placement, False, entry.caption)
             out.append(
-                HeldOutExample(entry.name, entry.caption, self.pixels(row), (entry.size[1], entry.size[0]),
+                HeldOutExample(entry.name, entry.caption, self.assembler.pixels(row), (entry.size[1], entry.size[0]),
                                (entry.bucket[1], entry.bucket[0]))
             )  # fmt: skip
         return out
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """The CPU half of one epoch's batches, for DataLoader workers (they get no models)."""
+
+    def __init__(self, data: TrainingData, epoch: int, start: int):
+        self.data, self.epoch, self.start = data, epoch, start
+        self.data.schedule(epoch)  # computed once here, inherited by the workers
+
+    def __len__(self) -> int:
+        return self.data.batches_per_epoch - self.start
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return self.data.assembler.cpu_part(self.data.rows(self.epoch, self.start + k))

@@ -9,7 +9,7 @@ import torch
 
 from tuner.conditioning import encode_captions, encode_pixels
 from tuner.data import build_training_data
-from tuner.data.loader import Row
+from tuner.data.assemble import Row
 
 
 @contextlib.contextmanager
@@ -76,8 +76,8 @@ def test_cached_latents_match_fresh_encoding_and_flips_differ(tmp_path, make_con
         torch.testing.assert_close(batch["latent_mean"], mean, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(batch["latent_std"], std, atol=1e-5, rtol=1e-4)
     row = data.rows(0, 0)[0]
-    plain = data.latents([Row(row.entry, row.placement, False, row.caption)])["latent_mean"]
-    mirrored = data.latents([Row(row.entry, row.placement, True, row.caption)])["latent_mean"]
+    plain = data.assembler.latents([Row(row.entry, row.placement, False, row.caption)])["latent_mean"]
+    mirrored = data.assembler.latents([Row(row.entry, row.placement, True, row.caption)])["latent_mean"]
     assert not torch.equal(plain, mirrored)
 
 

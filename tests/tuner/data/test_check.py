@@ -83,3 +83,22 @@ def test_missing_caption_uses_instance_prompt_or_template(tmp_path, make_config,
     assert report.used == 1
     report = check_data(make_config(tmp_path, caption_template="a photo of {token}", token="sks"))
     assert report.used == 1
+
+
+def test_check_data_command_text_json_and_exit_status(corpus, tmp_path, capsys):
+    from tuner.data.check import check_data_main
+
+    sets = ["data.resolution=64", "data.min_bucket_reso=32", "data.bucket_reso_steps=16"]
+    assert check_data_main(str(corpus), sets=sets) == 0
+    assert "10 used, 3 skipped, 6 refused" in capsys.readouterr().out
+    assert check_data_main(str(corpus), sets=[*sets, "data.bad_file_policy='error'"], as_json=True) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["refused"] == 6
+    config = tmp_path / "run.toml"
+    config.write_text("[data]\nresolution = 64\nmin_bucket_reso = 32\nbucket_reso_steps = 16\nrandom_flip = 0.5\n")
+    assert check_data_main(str(corpus), config_file=str(config)) == 0
+    capsys.readouterr()
+    from tuner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.resolutoin"):
+        check_data_main(str(corpus), sets=["data.resolutoin=64"])

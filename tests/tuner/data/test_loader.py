@@ -100,3 +100,16 @@ def test_holdout_and_model_prior(mixed, make_config, tiny_parts):
     assert batch["captions"][2:] == ["a photo of a thing"] * 2
     assert torch.equal(batch["latent_mean"][:2], batch["latent_mean"][2:])
     assert batch["prompt_embeds"].shape[0] == 4
+
+
+def test_dataloader_workers_give_the_same_batches(mixed, make_config, tiny_parts):
+    parts = tiny_parts("sd1")
+    needs = ("latents", "text_embeds", "pixels")
+    inline = list(build(make_config(mixed, random_flip=0.5), parts, needs=needs).iterate(1, start=1))
+    config = make_config(mixed, random_flip=0.5, dataloader_num_workers=2)
+    workers = list(build(config, parts, needs=needs).iterate(1, start=1))
+    assert len(inline) == len(workers) == 5
+    for a, b in zip(inline, workers):
+        assert a["captions"] == b["captions"]
+        for key in ("pixel_values", "latent_mean", "latent_std", "prompt_embeds", "crop_top_left"):
+            assert torch.equal(a[key], b[key]), key
