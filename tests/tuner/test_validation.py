@@ -99,13 +99,15 @@ def test_full_finetune_grid_keeps_base_and_rerenders_tuned(tiny_models, family, 
     random.seed(5)
     np.random.seed(7)
     rng = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    weights = {k: v.clone() for k, v in parts.unet.state_dict().items()}
 
     first = render_validation_grid(trainer, parts, 0)
 
     assert torch.equal(torch.random.get_rng_state(), rng[0])
     assert random.getstate() == rng[1] and np.array_equal(np.random.get_state()[1], rng[2])
     assert {name: m.training for name, m in parts.unet.named_modules()} == modes
-    assert all(p.grad is None for p in parts.unet.parameters())
+    assert all(p.grad is None and p.requires_grad for p in parts.unet.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in parts.unet.state_dict().items())
     assert trainer._base_images is not None and len(trainer._base_images) == 2
     n = len(seeds)
     # 2 prompts x (base, tuned) x seeds
@@ -140,6 +142,16 @@ def test_scalable_method_gets_one_column_set_per_scale_and_ends_at_scale_one(tin
     cells = _cells(grid, 1, 3, 3)[0]
     assert not np.array_equal(cells[0], cells[2])  # base vs scale 1
     assert not hasattr(trainer, "_base_images")  # scaling needs no memoized base
+
+
+def test_mixed_precision_parts_render(tiny_models):
+    """Frozen parts in bf16 next to a trained fp32 UNet, as the loop keeps them under mixed precision."""
+    parts = load_parts(str(tiny_models["sd1"]), weight_dtype=torch.bfloat16)
+    parts.unet.to(torch.float32)
+    grid = render_validation_grid(FullToyTrainer(_config("gridtoy", seeds=[0])), parts, 0)
+    assert grid.size == grid_size(1, 2, cell_size((64, 64)), title=True, groups=2)
+    assert {p.dtype for p in parts.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in parts.vae.parameters()} == {torch.bfloat16}
 
 
 def test_disabled_validation_renders_nothing(tiny_models):
