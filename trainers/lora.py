@@ -1,0 +1,251 @@
+"""LoRA: low-rank adapters (LoRA, DoRA, LoHa, LoKr via peft) on the UNet and optionally the text encoders.
+
+The adapter plumbing is public so DreamBooth-LoRA and pivotal tuning reuse it: `inject_lora` (freeze the
+base, inject with peft, return optimizer groups), `set_lora_scale` (0 = base model) and `save_lora`
+(both file formats, round-trip checked, described as `ArtifactFile`s).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from tuner.config import MethodConfig
+from tuner.errors import TunerError
+from tuner.losses import LossOptions, diffusion_loss
+from tuner.models import Parts
+from tuner.trainer import Artifact, ArtifactFile, Trainables, Trainer
+
+ADAPTER_NAME = "tuner"
+
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_FF = ["ff.net.0.proj", "ff.net.2"]
+_RESNET = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+UNET_PRESETS: dict[str, list[str]] = {
+    "attn": _ATTN,
+    "attn+ff": _ATTN + _FF,
+    # kohya's default LoRA targets: every linear / 1x1 conv of the transformer blocks.
+    "transformer": _ATTN + _FF + ["proj_in", "proj_out"],
+    # LoCon: the transformer targets plus the resnet, down- and upsampler convolutions.
+    "locon": _ATTN + _FF + ["proj_in", "proj_out"] + _RESNET,
+}
+TEXT_ENCODER_PRESETS: dict[str, list[str]] = {
+    "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "attn+mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+class LoraConfig(MethodConfig):
+    rank: int = Field(16, ge=1)
+    """Adapter rank (LoRA/DoRA/LoHa rank; for LoKr the rank of the decomposed Kronecker factor)."""
+    alpha: float | None = Field(None, gt=0)
+    """Adapter alpha; the update is scaled by alpha / rank. Default: the rank (scale 1)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input (LoRA/DoRA); rank dropout for LoHa/LoKr."""
+    variant: Literal["lora", "dora", "loha", "lokr"] = "lora"
+    """`lora`, `dora` (weight-decomposed), `loha` (Hadamard product) or `lokr` (Kronecker product)."""
+    unet_target_modules: str | list[str] = "attn"
+    """UNet modules: a preset (`attn`, `attn+ff`, `transformer`, `locon`) or module-name suffixes."""
+    train_text_encoder: bool = False
+    """Also put adapters on the text encoder(s)."""
+    text_encoder_target_modules: str | list[str] = "attn"
+    """Text-encoder modules: a preset (`attn`, `attn+mlp`) or module-name suffixes (`q_proj`, `fc1`, ...)."""
+    init_lora_weights: bool | Literal["gaussian"] = True
+    """Initialization: true (up-projection zero: starts as the base model), `gaussian`, or false (random)."""
+    rank_pattern: dict[str, int] = {}
+    """Per-module rank overrides, `{module-name regex: rank}` (peft's rank_pattern)."""
+    alpha_pattern: dict[str, float] = {}
+    """Per-module alpha overrides, `{module-name regex: alpha}` (peft's alpha_pattern)."""
+    output_name: str | None = None
+    """Stem of the kohya file (the LoRA's name in A1111); default: the run folder's name."""
+    verify_export: bool = True
+    """Round-trip check every exported file (loads a second fp32 copy of the base model on the CPU)."""
+
+    @field_validator("unet_target_modules", "text_encoder_target_modules")
+    @classmethod
+    def _targets(cls, value: str | list[str], info) -> str | list[str]:
+        presets = UNET_PRESETS if info.field_name == "unet_target_modules" else TEXT_ENCODER_PRESETS
+        if isinstance(value, str) and value not in presets:
+            raise ValueError(f"unknown preset {value!r}; allowed: {', '.join(presets)} or a list of module names")
+        if isinstance(value, list) and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
+            raise ValueError("expected a non-empty list of module names")
+        return value
+
+    @model_validator(mode="after")
+    def _dora_init(self) -> LoraConfig:
+        if self.variant in ("loha", "lokr") and self.init_lora_weights == "gaussian":
+            raise ValueError(f"init_lora_weights = 'gaussian' applies to lora/dora, not {self.variant}")
+        return self
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else float(self.rank)
+
+    def targets(self, text_encoder: bool = False) -> list[str]:
+        value = self.text_encoder_target_modules if text_encoder else self.unet_target_modules
+        return list((TEXT_ENCODER_PRESETS if text_encoder else UNET_PRESETS).get(value, value))
+
+
+def peft_config(cfg: LoraConfig, text_encoder: bool = False):
+    """The peft config object for one component."""
+    import peft
+
+    common = {
+        "r": cfg.rank,
+        "target_modules": cfg.targets(text_encoder),
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+    }
+    if cfg.variant in ("lora", "dora"):
+        return peft.LoraConfig(lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, use_dora=cfg.variant == "dora",
+                               init_lora_weights=cfg.init_lora_weights, **common)  # fmt: skip
+    cls = peft.LoHaConfig if cfg.variant == "loha" else peft.LoKrConfig
+    return cls(alpha=cfg.lora_alpha, rank_dropout=cfg.dropout, init_weights=bool(cfg.init_lora_weights), **common)
+
+
+def adapted_models(parts: Parts) -> dict[str, nn.Module]:
+    """Component name -> unwrapped model, for the UNet and every text encoder."""
+    models = {"unet": parts.unwrapped(parts.unet)}
+    for index, encoder in enumerate(parts.text_encoders):
+        models["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = parts.unwrapped(encoder)
+    return models
+
+
+def _inject(model: nn.Module, config: Any, name: str) -> list[nn.Parameter]:
+    """Inject one adapter with peft; only its parameters train, in fp32 (the base stays as loaded)."""
+    from peft import inject_adapter_in_model
+
+    model.requires_grad_(False)
+    if name in (getattr(model, "peft_config", None) or {}):
+        raise TunerError(f"{type(model).__name__} already carries an adapter named {name!r}")
+    if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers models: keeps its bookkeeping
+        model.add_adapter(config, adapter_name=name)
+    else:
+        inject_adapter_in_model(config, model, adapter_name=name)
+    params = []
+    for param_name, param in model.named_parameters():
+        if f".{name}." in f"{param_name}." or param_name.endswith(f".{name}"):
+            param.data = param.data.float()
+            param.requires_grad_(True)
+            params.append(param)
+        else:
+            param.requires_grad_(False)
+    if not params:
+        raise TunerError(f"{type(model).__name__}: target modules {sorted(config.target_modules)} matched nothing")
+    return params
+
+
+def inject_lora(parts: Parts, cfg: LoraConfig, run_config: Any) -> list[dict[str, Any]]:
+    """Freeze the base, inject adapters into the UNet (and text encoders if they train); optimizer groups."""
+    models = adapted_models(parts)
+    for model in models.values():
+        model.requires_grad_(False)
+    lr = run_config.optimizer.learning_rate
+    te_lr = run_config.optimizer.text_encoder_lr or lr
+    groups = [{"name": "unet_lora", "params": _inject(models["unet"], peft_config(cfg), ADAPTER_NAME), "lr": lr}]
+    if cfg.train_text_encoder:
+        te_params = [
+            p
+            for name, model in models.items()
+            if name != "unet"
+            for p in _inject(model, peft_config(cfg, text_encoder=True), ADAPTER_NAME)
+        ]
+        groups.append({"name": "text_encoder_lora", "params": te_params, "lr": te_lr})
+    return groups
+
+
+def set_lora_scale(parts: Parts, scale: float, adapter_name: str = ADAPTER_NAME) -> None:
+    """Scale every adapter layer; 0 disables them, so even DoRA's magnitude is off and the base model returns."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in adapted_models(parts).values():
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and adapter_name in _layer_adapters(module):
+                module.enable_adapters(scale != 0.0)
+                if scale != 0.0:
+                    module.set_scale(adapter_name, scale)
+
+
+def _layer_adapters(layer: Any) -> set[str]:
+    names = set()
+    for attr in layer.adapter_layer_names:
+        names |= set(getattr(layer, attr, {}) or {})
+    return names
+
+
+def save_lora(
+    parts: Parts, cfg: LoraConfig, run_config: Any, out_dir: str | Path, extra: dict[str, Any] | None = None
+) -> list[ArtifactFile]:
+    """Export the trained adapter in diffusers/peft and kohya format, round-trip checked; `extra` gets the report."""
+    from tuner.export.lora import export_lora
+    from tuner.export.metadata import training_metadata
+    from tuner.export.state import collect_state
+
+    out_dir = Path(out_dir)
+    set_lora_scale(parts, 1.0)
+    state = collect_state(adapted_models(parts), ADAPTER_NAME)
+    name = cfg.output_name or Path(run_config.train.output_dir).name or "lora"
+    files, report = export_lora(
+        parts,
+        state,
+        out_dir,
+        output_name=name,
+        resolution=run_config.data.resolution,
+        trigger=trigger_words(run_config),
+        training={**training_metadata(run_config, name), "ss_network_dropout": str(cfg.dropout)},
+        config_json=json.dumps(run_config.to_dict(), sort_keys=True),
+        verify=cfg.verify_export,
+    )
+    if extra is not None:
+        extra.update(report)
+    return files
+
+
+def trigger_words(run_config: Any) -> str | None:
+    """The identifier token, else the instance prompt: what users must write to get the subject."""
+    data = run_config.data
+    return data.token or data.instance_prompt or None
+
+
+class LoraTrainer(Trainer):
+    name = "lora"
+    Config = LoraConfig
+    data_kinds = frozenset({"captioned", "dreambooth"})
+
+    def prepare(self, parts: Parts) -> Trainables:
+        cfg: LoraConfig = self.method_config
+        self.loss_options = LossOptions.from_config(self.config)
+        groups = inject_lora(parts, cfg, self.config)
+        modules: dict[str, nn.Module] = {"unet": parts.unet}
+        if cfg.train_text_encoder:
+            for index, encoder in enumerate(parts.text_encoders):
+                modules["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = encoder
+        needs = {"latents", "input_ids" if cfg.train_text_encoder else "text_embeds"}
+        return Trainables(modules=modules, param_groups=groups, needs=frozenset(needs))
+
+    def compute_loss(self, parts: Parts, batch: dict[str, Any]) -> torch.Tensor:
+        options = getattr(self, "loss_options", None) or LossOptions.from_config(self.config)
+        return diffusion_loss(parts, batch, options, generator=batch.get("generator"))
+
+    def set_adapter_scale(self, parts: Parts, scale: float) -> bool:
+        set_lora_scale(parts, scale)
+        return True
+
+    def save(self, parts: Parts, out_dir: Path) -> Artifact:
+        extra: dict[str, Any] = {}
+        files = save_lora(parts, self.method_config, self.config, out_dir, extra)
+        data = self.config.data
+        return Artifact(
+            method=self.name,
+            family=parts.family.name,
+            base_model=self.config.model.pretrained_model_name_or_path,
+            files=files,
+            trigger=trigger_words(self.config),
+            instance_prompt=data.instance_prompt,
+            extra=extra,
+        )

@@ -1,0 +1,204 @@
+"""`tuner export`: convert a LoRA between the diffusers/peft and kohya formats, or fuse it into a pipeline folder.
+
+Conversions keep every tensor, the true alpha of every module and the descriptive metadata; each result is
+read back and compared with its input, and, when the base model is known, checked by loading both into it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuner.errors import TunerError
+from tuner.export import metadata as md
+from tuner.export.lora_diffusers import diffusers_loadable, peft_weight_name, read_peft_file, write_peft_file
+from tuner.export.lora_kohya import is_kohya, kohya_tensors, read_kohya, read_kohya_tensors, write_kohya
+from tuner.export.roundtrip import Check, fresh_pipeline, verify_files
+from tuner.export.state import COMPONENTS, LoraState, module_paths
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("diffusers", "kohya", "fused")
+ARCH_FAMILIES = {"stable-diffusion-xl": "sdxl", "stable-diffusion-v2": "sd2", "stable-diffusion-v1": "sd1"}
+
+
+def file_format(path: str | Path) -> str:
+    """`kohya` or `peft` (the diffusers/peft layout), from the keys of a .safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise TunerError(f"{path}: expected an existing .safetensors LoRA file")
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    if is_kohya(keys):
+        return "kohya"
+    if keys and all(k.split(".", 1)[0] in COMPONENTS for k in keys):
+        return "peft"
+    raise TunerError(f"{path}: neither a kohya LoRA (lora_unet_...) nor a diffusers/peft one (unet.*, text_encoder.*)")
+
+
+def _family(model: str | None, header: dict[str, str]) -> tuple[Any, str]:
+    """(Family, prediction type) from the base model, else from the file's ModelSpec architecture."""
+    from tuner.models import FAMILIES, detect_family, resolve_model_path
+
+    if model:
+        return detect_family(resolve_model_path(model))
+    arch = header.get("modelspec.architecture", "")
+    for prefix, name in ARCH_FAMILIES.items():
+        if arch.startswith(prefix):
+            v = arch.endswith("-v/lora") or header.get("modelspec.prediction_type") == "v"
+            return FAMILIES[name], "v_prediction" if v else "epsilon"
+    raise TunerError("the model family is unknown: the file has no modelspec.architecture; pass --model BASE")
+
+
+def module_names(model: str, num_text_encoders: int) -> dict[str, list[str]]:
+    """Canonical Linear/Conv2d module paths per component of the base model, built without loading weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tuner.models import resolve_model_path
+
+    source = resolve_model_path(model)
+    with init_empty_weights():
+        models: dict[str, torch.nn.Module] = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet"))
+        }
+        models["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(source, subfolder="text_encoder"))
+        if num_text_encoders > 1:
+            config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder_2")
+            models["text_encoder_2"] = CLIPTextModelWithProjection(config)
+    return {name: list(module_paths(m, name)) for name, m in models.items()}
+
+
+def read_any(path: str | Path, model: str | None = None) -> LoraState:
+    """A LoRA file of either format as a `LoraState` (kohya files need the base model's module names)."""
+    if file_format(path) == "peft":
+        return read_peft_file(path)
+    _, header = read_kohya_tensors(path)
+    if not model:
+        raise TunerError(f"{path}: reading a kohya file needs the base model (--model BASE) to resolve module names")
+    family, _ = _family(model, header)
+    return read_kohya(path, module_names(model, family.text_encoders), family.text_encoders)
+
+
+def _descriptive(header: dict[str, str]) -> dict[str, str]:
+    """Metadata worth carrying across formats (not hashes: they describe the old file)."""
+    keep = ("modelspec.", "ss_", "tuner.")
+    return {k: v for k, v in header.items() if k.startswith(keep) and k != "modelspec.hash_sha256"}
+
+
+def same_state(a: LoraState, b: LoraState) -> None:
+    """Tensor-level check of a conversion: same modules, same effective tensors and alpha/rank per module."""
+    for component, comp in a.components.items():
+        other = b.components.get(component)
+        if other is None:
+            raise TunerError(f"conversion lost the {component} adapter")
+        if comp.variant != other.variant:
+            raise TunerError(f"conversion changed {component}'s variant {comp.variant} -> {other.variant}")
+        mine, theirs = kohya_tensors(LoraState({component: comp}), 2), kohya_tensors(LoraState({component: other}), 2)
+        if set(mine) != set(theirs):
+            raise TunerError(f"conversion changed {component}'s modules: {sorted(set(mine) ^ set(theirs))[:3]}")
+        for key, tensor in mine.items():
+            if not torch.allclose(tensor, theirs[key], rtol=1e-6, atol=0):
+                raise TunerError(f"conversion changed {key} (max difference {(tensor - theirs[key]).abs().max():.3g})")
+
+
+def _output_file(out: str | Path, default_name: str) -> Path:
+    out = Path(out)
+    return out if out.suffix == ".safetensors" else out / default_name
+
+
+def convert_lora(
+    input_path: str | Path, to: str, out: str | Path, model: str | None = None, name: str | None = None
+) -> Path:
+    """Convert `input_path` to `to` (`diffusers` or `kohya`) at `out` (a .safetensors path or a folder)."""
+    if to not in ("diffusers", "kohya"):
+        raise TunerError(f"--to {to!r}: allowed: {', '.join(TARGETS)}")
+    input_path = Path(input_path)
+    source_format = file_format(input_path)
+    state = read_any(input_path, model)
+    header = _descriptive(state.metadata)
+    if to == "kohya":
+        family, prediction = _family(model, header)
+        stem = name or header.get("ss_output_name") or input_path.parent.name or input_path.stem
+        target = _output_file(out, f"{stem}.safetensors")
+        header.update(md.sd_version_metadata(family, prediction))
+        header.update(md.network_metadata(state.summary(), _has_conv(state)))
+        header.setdefault("modelspec.sai_model_spec", md.SPEC_VERSION)
+        header.setdefault("modelspec.architecture", md.architecture(family, prediction))
+        header.setdefault("modelspec.implementation", md.implementation(family))
+        header.setdefault("modelspec.title", target.stem)
+        written = write_kohya(state, target, family.text_encoders, header)
+        back = read_kohya(written, module_names(model, family.text_encoders), family.text_encoders) if model else None
+    else:
+        target = _output_file(out, peft_weight_name(state.variant))
+        written = write_peft_file(LoraState(state.components, {}), target, header)
+        back = read_peft_file(written)
+    if target.resolve() == input_path.resolve():
+        raise TunerError(f"--out {out}: would overwrite the input file")
+    if back is not None:
+        same_state(state, back)
+    if model:
+        _check_loads(input_path, source_format, written, to, state.variant, model)
+    return written
+
+
+def _has_conv(state: LoraState) -> bool:
+    from tuner.export.lora import has_conv
+
+    return has_conv(state)
+
+
+def _loader(path: Path, fmt: str, variant: str) -> Check:
+    if fmt == "kohya":
+        return Check(path, "diffusers" if variant == "lora" else "merge", rtol=1e-4)
+    return Check(path, "diffusers" if diffusers_loadable(variant) else "peft", rtol=1e-4)
+
+
+def _check_loads(source: Path, source_format: str, written: Path, to: str, variant: str, model: str) -> None:
+    from tuner.models import resolve_model_path
+
+    fmt = "kohya" if to == "kohya" else "peft"
+    verify_files(resolve_model_path(model), _loader(source, source_format, variant), [_loader(written, fmt, variant)])
+
+
+def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float = 1.0) -> Path:
+    """Merge the LoRA at `input_path` (either format, any variant) into `model`; save the pipeline to `out`."""
+    from tuner.export.merge import apply_kohya
+    from tuner.models import resolve_model_path
+
+    input_path, out = Path(input_path), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise TunerError(f"--out {out}: folder exists and is not empty")
+    source = resolve_model_path(model)
+    fmt = file_format(input_path)
+    state = read_any(input_path, model)
+    pipe = fresh_pipeline(source)
+    if (fmt == "peft" and diffusers_loadable(state.variant)) or (fmt == "kohya" and state.variant == "lora"):
+        pipe.load_lora_weights(str(input_path), adapter_name="fuse")
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["fuse"])
+        pipe.unload_lora_weights()
+    else:
+        num_te = sum(1 for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)
+        apply_kohya(pipe, kohya_tensors(state, num_te), scale)
+    pipe.save_pretrained(out, safe_serialization=True)
+    del pipe
+    reference = _loader(input_path, fmt, state.variant)
+    reference = Check(reference.path, reference.loader, scale=scale)
+    verify_files(source, reference, [Check(out, "pipeline", rtol=1e-4)])
+    return out
+
+
+def export(input_path: str | Path, to: str, out: str | Path, model: str | None = None, scale: float = 1.0,
+           name: str | None = None) -> Path:  # fmt: skip
+    """The library entry of `tuner export INPUT --to diffusers|kohya|fused [--model BASE] --out PATH`."""
+    if to == "fused":
+        if not model:
+            raise TunerError("--to fused: needs the base model (--model BASE)")
+        return fuse_lora(input_path, model, out, scale)
+    return convert_lora(input_path, to, out, model, name)

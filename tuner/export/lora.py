@@ -1,0 +1,118 @@
+"""Write one trained adapter in every LoRA format, check each round trip, and describe the files.
+
+Shared by every method that trains a LoRA (LoRA, DreamBooth-LoRA, pivotal tuning): they collect the
+adapter (`tuner.export.state.collect_state`) and call `export_lora`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import TunerError
+from tuner.export import metadata as md
+from tuner.export.lora_diffusers import diffusers_loadable, peft_weight_name, write_peft_file
+from tuner.export.lora_kohya import write_kohya
+from tuner.export.roundtrip import Check, verify_export
+from tuner.export.state import LoraState
+from tuner.trainer import ArtifactFile
+
+# Which tools load the kohya file of each variant. DoRA (output-axis `dora_scale`, LyCORIS `wd_on_out`):
+# diffusers drops `dora_scale` from kohya files and A1111 only applies input-axis DoRA, so neither is listed;
+# ComfyUI loads it but normalizes output-axis DoRA by the base weight's norm (close, not exact).
+KOHYA_TOOLS = {
+    "lora": ["A1111", "ComfyUI", "diffusers", "kohya"],
+    "dora": ["ComfyUI", "LyCORIS"],
+    "loha": ["A1111", "ComfyUI", "LyCORIS"],
+    "lokr": ["A1111", "ComfyUI", "LyCORIS"],
+}
+# Merging into the weights rounds differently from running the adapter beside them.
+MERGE_RTOL = 1e-4
+PEFT_TOOLS = {"lora": ["diffusers", "peft"], "dora": ["diffusers", "peft"], "loha": ["peft", "tuner"],
+              "lokr": ["peft", "tuner"]}  # fmt: skip
+
+
+def safe_name(name: str) -> str:
+    """A file stem A1111 shows as the LoRA's name: letters, digits, `-`, `_` and `.` only."""
+    cleaned = re.sub(r"[^\w.-]+", "_", name.strip()).strip("._")
+    if not cleaned:
+        raise TunerError(f"output name {name!r}: needs at least one letter or digit")
+    return cleaned
+
+
+def has_conv(state: LoraState) -> bool:
+    """Whether any 3x3 (or larger) convolution carries an adapter (LoCon)."""
+    for comp in state.components.values():
+        for key, tensor in comp.tensors.items():
+            if tensor.dim() == 4 and tensor.shape[-1] > 1 and not key.endswith("lora_magnitude_vector"):
+                return True
+    return False
+
+
+def file_metadata(
+    parts: Any,
+    state: LoraState,
+    output_name: str,
+    resolution: int,
+    trigger: str | None,
+    training: dict[str, str] | None = None,
+    config_json: str | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(kohya header, diffusers-file header): ss_* keys and ModelSpec in the first, ModelSpec in both."""
+    family, prediction = parts.family, parts.prediction_type
+    summary = state.summary()
+    described = f"{summary['variant']} rank {summary['rank']} alpha {summary['alpha']:g}, trained with tuner"
+    spec = md.modelspec(family, prediction, output_name, resolution, trigger, described)
+    extra = {"tuner.config": config_json} if config_json else {}
+    kohya = {
+        **md.sd_version_metadata(family, prediction),
+        **md.network_metadata(summary, has_conv(state)),
+        **(training or {}),
+        **({"ss_training_comment": f"trigger: {trigger}"} if trigger else {}),
+        **spec,
+        **extra,
+    }
+    return kohya, {**spec, **extra}
+
+
+def export_lora(
+    parts: Any,
+    state: LoraState,
+    out_dir: str | Path,
+    output_name: str,
+    resolution: int,
+    trigger: str | None = None,
+    training: dict[str, str] | None = None,
+    config_json: str | None = None,
+    verify: bool = True,
+) -> tuple[list[ArtifactFile], dict[str, Any]]:
+    """Write the peft/diffusers file and the kohya file for `state`, round-trip check both.
+
+    Returns the artifact entries and the round-trip report (max differences per file and component).
+    """
+    out_dir = Path(out_dir)
+    variant = state.variant
+    stem = safe_name(output_name)
+    kohya_header, peft_header = file_metadata(parts, state, stem, resolution, trigger, training, config_json)
+    peft_path = write_peft_file(state, out_dir / peft_weight_name(variant), peft_header)
+    kohya_path = write_kohya(state, out_dir / f"{stem}.safetensors", parts.family.text_encoders, kohya_header)
+    if kohya_path == peft_path:
+        raise TunerError(f"lora.output_name = {output_name!r} collides with {peft_path.name}; pick another name")
+    checks = [Check(peft_path, "diffusers" if diffusers_loadable(variant) else "peft")]
+    if variant == "lora":
+        checks.append(Check(kohya_path, "diffusers"))
+    checks.append(Check(kohya_path, "merge", rtol=MERGE_RTOL))
+    report = verify_export(parts, state, checks) if verify else {}
+    where = str(out_dir)
+    peft_load = f'pipe.load_lora_weights("{where}", weight_name="{peft_path.name}")'
+    if not diffusers_loadable(variant):
+        peft_load = f'from tuner.export import load_peft_adapter; load_peft_adapter(pipe, "{peft_path}")'
+    kohya_load = f'pipe.load_lora_weights("{where}", weight_name="{kohya_path.name}")' if variant == "lora" else ""
+    peft_format = f"{'diffusers' if diffusers_loadable(variant) else 'peft'}-{variant}"
+    kohya_format = f"kohya-{variant}" if variant in ("lora", "dora") else f"lycoris-{variant}"
+    files = [
+        ArtifactFile(peft_path.name, peft_format, peft_load, PEFT_TOOLS[variant]),
+        ArtifactFile(kohya_path.name, kohya_format, kohya_load, KOHYA_TOOLS[variant]),
+    ]
+    return files, {"roundtrip": report, **state.summary()}

@@ -1,0 +1,251 @@
+"""The round-trip check every export runs: load each written file into a fresh stock pipeline, compare outputs.
+
+The reference is the model as trained (peft adapters active). Each file is loaded, on its own fresh
+`DiffusionPipeline.from_pretrained(base)`, by the loader its users will use (`load_lora_weights`, peft, or an
+A1111/ComfyUI-style weight merge); UNet and text-encoder outputs on a fixed input must match to a tight
+relative tolerance, and must reproduce the adapter's effect (so a file that silently drops modules fails
+even when the adapter is still small). Everything is compared in fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuner.errors import TunerError
+from tuner.export.state import LoraState
+
+logger = logging.getLogger(__name__)
+
+RTOL = 1e-5
+# A file must reproduce all but this fraction of the adapter's own effect on the outputs.
+EFFECT_TOL = 1e-2
+PROMPT = "a photo of a toy on a table"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One file and how to load it: `diffusers` (`load_lora_weights`), `peft`, `merge` (A1111/ComfyUI math)
+    into the base pipeline, or `pipeline` (the path is a whole pipeline folder, e.g. a fused export)."""
+
+    path: Path
+    loader: str
+    rtol: float = RTOL
+    scale: float = 1.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name} via {self.loader}"
+
+
+def fresh_pipeline(source: str | Path, revision: str | None = None) -> Any:
+    """The stock pipeline of a model folder or hub id, fp32 on CPU, nothing loaded into it."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(source), revision=revision, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_into(pipe: Any, check: Check) -> None:
+    """Load `check.path` into `pipe` with its loader, at `check.scale`."""
+    if check.loader == "diffusers":
+        pipe.load_lora_weights(str(check.path), adapter_name="roundtrip")
+        if check.scale != 1.0:
+            pipe.set_adapters(["roundtrip"], [check.scale])
+    elif check.loader == "peft":
+        from tuner.export.lora_diffusers import load_peft_adapter
+
+        load_peft_adapter(pipe, check.path, adapter_name="roundtrip", scale=check.scale)
+    elif check.loader == "merge":
+        from tuner.export.merge import apply_kohya
+
+        apply_kohya(pipe, check.path, check.scale)
+    else:
+        raise TunerError(f"round-trip loader {check.loader!r}: allowed: diffusers, peft, merge, pipeline")
+
+
+def checked_pipeline(check: Check, source: str | Path, revision: str | None) -> Any:
+    """A fresh pipeline with `check`'s file loaded (or the pipeline folder itself)."""
+    if check.loader == "pipeline":
+        return fresh_pipeline(check.path)
+    pipe = fresh_pipeline(source, revision)
+    try:
+        load_into(pipe, check)
+    except TunerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a loader crash is an export failure with its reason
+        raise TunerError(f"round-trip check: {check.label} failed to load: {type(exc).__name__}: {exc}") from exc
+    return pipe
+
+
+@dataclass
+class Probe:
+    """Fixed inputs: UNet arguments and token ids, built once from the base model's configs."""
+
+    unet_args: dict[str, Any]
+    input_ids: list[torch.Tensor]
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, size: int = 16) -> Probe:
+        gen = torch.Generator().manual_seed(0)
+        config = pipe.unet.config
+        args: dict[str, Any] = {
+            "sample": torch.randn(1, config.in_channels, size, size, generator=gen),
+            "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=gen),
+        }
+        if config.addition_embed_type == "text_time":
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            side = float(size * 8)
+            args["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(1, pooled, generator=gen),
+                "time_ids": torch.tensor([[side, side, 0.0, 0.0, side, side]]),
+            }
+        tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+        ids = [t(PROMPT, padding="max_length", max_length=t.model_max_length, truncation=True,
+                 return_tensors="pt").input_ids for t in tokenizers]  # fmt: skip
+        return cls(args, ids)
+
+
+@contextlib.contextmanager
+def evaluating(modules: list[nn.Module]) -> Iterator[None]:
+    """eval() (no dropout) and no_grad for the comparison; training flags restored afterwards."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def outputs(unet: nn.Module, text_encoders: list[nn.Module], probe: Probe) -> dict[str, torch.Tensor]:
+    """Per component, the outputs a pipeline uses: UNet prediction; last and penultimate hidden states."""
+    names = ["text_encoder", "text_encoder_2"]
+    with evaluating([unet, *text_encoders]):
+        device, dtype = _where(unet)
+        args = _to(probe.unet_args, device, dtype)
+        out = {"unet": unet(**args).sample.float().cpu()}
+        for name, encoder, ids in zip(names, text_encoders, probe.input_ids):
+            result = encoder(ids.to(_where(encoder)[0]), output_hidden_states=True)
+            out[name] = torch.cat([result[0].flatten(), result.hidden_states[-2].flatten()]).float().cpu()
+    return out
+
+
+def _where(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(module.parameters())
+    return param.device, param.dtype
+
+
+def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if isinstance(value, dict):
+        return {k: _to(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype if value.is_floating_point() else value.dtype)
+    return value
+
+
+def pipeline_outputs(pipe: Any, probe: Probe) -> dict[str, torch.Tensor]:
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    return outputs(pipe.unet, encoders, probe)
+
+
+def _is_cpu_fp32(modules: list[nn.Module]) -> bool:
+    return all(p.device.type == "cpu" and p.dtype == torch.float32 for m in modules for p in m.parameters())
+
+
+def trained_outputs(parts: Any, state: LoraState, probe: Probe) -> dict[str, torch.Tensor]:
+    """Outputs of the model as trained: `parts` itself when it is fp32 on CPU, else the base plus `state`."""
+    unet = parts.unwrapped(parts.unet)
+    encoders = [parts.unwrapped(e) for e in parts.text_encoders]
+    if _is_cpu_fp32([unet, *encoders]):
+        return outputs(unet, encoders, probe)
+    from tuner.export.lora_diffusers import inject_state
+
+    pipe = fresh_pipeline(parts.source, parts.revision)
+    for name, comp in state.components.items():
+        inject_state(getattr(pipe, name), comp, "reference")
+    try:
+        return pipeline_outputs(pipe, probe)
+    finally:
+        del pipe
+        gc.collect()
+
+
+def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+            rtol: float) -> tuple[dict[str, float], list[str]]:  # fmt: skip
+    """(max |difference| per component, problems)."""
+    diffs, problems = {}, []
+    for name, reference in want.items():
+        diff = (got[name] - reference).abs().max().item()
+        scale = reference.abs().max().item() or 1.0
+        effect = (reference - base[name]).abs().max().item()
+        diffs[name] = diff
+        if not torch.isfinite(got[name]).all():
+            problems.append(f"{name}: non-finite outputs")
+        elif diff > rtol * scale:
+            problems.append(f"{name}: max |difference| {diff:.3g} ({diff / scale:.3g} relative; tolerance {rtol:g})")
+        elif effect > 100 * rtol * scale and diff > EFFECT_TOL * effect:
+            problems.append(f"{name}: reproduces only {1 - diff / effect:.1%} of the adapter's effect {effect:.3g}")
+    return diffs, problems
+
+
+def verify(
+    source: str | Path,
+    want: Callable[[Probe], dict[str, torch.Tensor]],
+    checks: list[Check],
+    revision: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Compare each check's outputs with `want(probe)`; raise `TunerError` naming every mismatch."""
+    pipe = fresh_pipeline(source, revision)
+    probe = Probe.for_pipeline(pipe)
+    base = pipeline_outputs(pipe, probe)
+    del pipe
+    reference = want(probe)
+    report: dict[str, dict[str, float]] = {}
+    failures: list[str] = []
+    for check in checks:
+        pipe = checked_pipeline(check, source, revision)
+        try:
+            got = pipeline_outputs(pipe, probe)
+        finally:
+            del pipe
+            gc.collect()
+        report[check.label], problems = compare(got, reference, base, check.rtol)
+        failures += [f"{check.label}: {p}" for p in problems]
+        logger.info("round trip %s: %s", check.label, report[check.label])
+    if failures:
+        raise TunerError("round-trip check failed (the exported files do not reproduce the trained model):\n  "
+                         + "\n  ".join(failures))  # fmt: skip
+    return report
+
+
+def verify_export(parts: Any, state: LoraState, checks: list[Check]) -> dict[str, dict[str, float]]:
+    """Every check against the model as trained; `state` is the adapter collected from `parts` (the reference
+    when `parts` is not fp32 on the CPU)."""
+    return verify(parts.source, lambda probe: trained_outputs(parts, state, probe), checks, parts.revision)
+
+
+def verify_files(source: str | Path, reference: Check, checks: list[Check], revision: str | None = None):
+    """Every check against `reference` (e.g. a converted file against its input), on base model `source`."""
+
+    def want(probe: Probe) -> dict[str, torch.Tensor]:
+        pipe = checked_pipeline(reference, source, revision)
+        try:
+            return pipeline_outputs(pipe, probe)
+        finally:
+            del pipe
+            gc.collect()
+
+    return verify(source, want, checks, revision)
