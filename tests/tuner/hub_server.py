@@ -23,7 +23,7 @@ MAX_CHUNKS = 100_000
 class Request:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     body: bytes
 
 
@@ -99,7 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         path = self.path.split("?", 1)[0]
         with state.lock:
-            state.requests.append(Request(method, self.path, dict(self.headers.items()), body))
+            state.requests.append(Request(method, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
             for needle, left in state.fail_503.items():
                 if left > 0 and needle in path:
                     state.fail_503[needle] = left - 1
