@@ -88,6 +88,52 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from tuner.sampling import Embedding, sample
+
+    if len(args.token) > len(args.embedding):
+        raise TunerError("--token: at most one per --embedding")
+    tokens = args.token + [None] * (len(args.embedding) - len(args.token))
+    result = sample(
+        args.model,
+        args.prompt,
+        args.seeds,
+        args.out,
+        lora=args.lora,
+        lora_scales=args.lora_scale,
+        embeddings=[Embedding(f, t) for f, t in zip(args.embedding, tokens)],
+        vae=args.vae,
+        scheduler=args.scheduler,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        width=args.width,
+        height=args.height,
+        write_images=args.command == "sample",
+    )
+    print(f"wrote {len(result.images)} images" + (f" and the grid {result.grid}" if result.grid else ""))
+    return 0
+
+
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusers folder, hub id or builtin:NAME")
+    p.add_argument("--prompt", action="append", required=True, help="one grid row; repeat for more")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one column per seed")
+    p.add_argument("--lora", action="append", default=[], help="LoRA .safetensors (diffusers or kohya) or run folder")
+    p.add_argument("--lora-scale", type=float, nargs="+", default=[1.0], help="adapter scales; 0 = base model")
+    p.add_argument("--embedding", action="append", default=[], help="textual-inversion .safetensors")
+    p.add_argument("--token", action="append", default=[], help="token of the Nth --embedding (default: from file)")
+    p.add_argument("--vae", help="AutoencoderKL folder to use instead of the model's")
+    p.add_argument("--scheduler", help="diffusers scheduler class name, e.g. DPMSolverMultistepScheduler")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int, default=25, help="inference steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(handler=cmd_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tuner",
@@ -106,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="preset to show")
     p.add_argument("--explain", action="store_true", help="every field with its value and meaning")
     p.set_defaults(handler=cmd_presets)
+
+    _sample_arguments(sub.add_parser("sample", help="render prompts x seeds x LoRA scales: PNGs and a grid"))
+    _sample_arguments(sub.add_parser("grid", help="like sample, but write only the labeled grid.png"))
 
     p = sub.add_parser("make-tiny", help="write a tiny random pipeline (for tests and trying things out)")
     p.add_argument("directory")
