@@ -211,6 +211,9 @@ class TrainConfig(Section):
     """Where to log losses, learning rates and validation images."""
     logging_steps: int = Field(10, ge=1)
     """Log scalars every N steps."""
+    resume_fallback: bool = False
+    """On resume, when the chosen checkpoint is damaged, take the newest older intact one instead of stopping
+    (same as `--resume latest-good`)."""
 
 
 class ValidationConfig(Section):

@@ -1,0 +1,93 @@
+"""A small real trainer for the loop's tests: trains the UNet's biases and norms with the shared diffusion loss.
+
+Test hooks come from environment variables so a resumed run can drop them without changing its config:
+`TUNER_TEST_KILL_AT_STEP=N` SIGKILLs the process as optimizer step N+1 starts (after checkpoint N),
+`TUNER_TEST_NAN_AT_STEP=K` makes the loss of step K NaN, `TUNER_TEST_SIGINT_AT_STEP=N` sends SIGINT (Ctrl-C)
+to itself as step N+1 starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tuner import registry
+from tuner.config import MethodConfig
+from tuner.losses import LossOptions, diffusion_loss
+from tuner.trainer import Artifact, ArtifactFile, Trainables, Trainer
+
+METHOD = "unet_bias"
+
+
+class UNetBiasConfig(MethodConfig):
+    train: Literal["bias", "attention"] = "bias"
+    """`bias`: every bias and norm parameter of the UNet; `attention`: the first cross-attention block."""
+    per_example_noise: bool = False
+    """Draw each example's noise from its caption and the step, so any split of a batch sees the same noise."""
+
+
+class UNetBiasTrainer(Trainer):
+    name = METHOD
+    Config = UNetBiasConfig
+    _interrupted = False
+
+    def prepare(self, parts) -> Trainables:
+        parts.unet.requires_grad_(False)
+        if self.method_config.train == "bias":
+            chosen = [p for n, p in parts.unet.named_parameters() if n.endswith("bias") or "norm" in n]
+        else:
+            chosen = list(parts.unet.down_blocks[0].attentions[0].parameters())
+        for p in chosen:
+            p.requires_grad_(True)
+        return Trainables({"unet": parts.unet}, [{"name": "unet", "params": chosen}])
+
+    def compute_loss(self, parts, batch: dict[str, Any]) -> torch.Tensor:
+        step = self.global_step + 1
+        if os.environ.get("TUNER_TEST_KILL_AT_STEP") == str(self.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("TUNER_TEST_SIGINT_AT_STEP") == str(self.global_step) and not self._interrupted:
+            self._interrupted = True
+            os.kill(os.getpid(), signal.SIGINT)
+        options = LossOptions.from_config(self.config)
+        if self.method_config.per_example_noise:
+            losses = []
+            for i, caption in enumerate(batch["captions"]):
+                seed = zlib.crc32(f"{caption}:{step}".encode())
+                one = {k: v[i : i + 1] for k, v in batch.items() if k != "generator"}
+                losses.append(diffusion_loss(parts, one, options, generator=torch.Generator().manual_seed(seed)))
+            loss = torch.stack(losses).mean()
+        else:
+            loss = diffusion_loss(parts, batch, options, generator=batch.get("generator"))
+        if os.environ.get("TUNER_TEST_NAN_AT_STEP") == str(step):
+            loss = loss * float("nan")
+        return loss
+
+    def save(self, parts, out_dir: Path) -> Artifact:
+        unet = parts.unwrapped(parts.unet)
+        tensors = {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+        save_file(tensors, str(Path(out_dir) / "unet_trained.safetensors"))
+        load = "safetensors.torch.load_file(path)"
+        return Artifact(
+            METHOD, parts.family.name, parts.source, [ArtifactFile("unet_trained.safetensors", "pt", load)]
+        )
+
+    def validation_images(self, parts, step: int) -> Image.Image:
+        """One UNet prediction on fixed inputs, as a small gray image (cheap, and it changes as the UNet trains)."""
+        unet = parts.unwrapped(parts.unet)
+        g = torch.Generator().manual_seed(0)
+        sample = torch.randn(1, 4, 8, 8, generator=g)
+        hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+        out = unet(sample.to(unet.dtype), 10, encoder_hidden_states=hidden.to(unet.dtype)).sample[0, 0]
+        pixels = ((out.float().clamp(-2, 2) + 2) * 63).to(torch.uint8).cpu().numpy()
+        return Image.fromarray(pixels).resize((32, 32))
+
+
+def register() -> None:
+    registry.register(METHOD, UNetBiasTrainer)

@@ -1,0 +1,396 @@
+"""The one training loop: drives any registered trainer through the trainer contract, with no per-method code.
+
+`train(config, resume)` builds the accelerate `Accelerator` (precision, gradient accumulation, DDP and
+the user's DeepSpeed / FSDP config), loads the base parts, lets the trainer mark what trains, applies the
+memory levers, builds data, optimizer and schedule, then runs optimizer steps with checkpoints, a
+NaN/inf guard, logging, validation grids and the final `trainer.save`.
+
+Randomness. The loop owns one `torch.Generator` per process (seeded from `train.seed` and the rank) and
+puts it into every micro-batch as `batch["generator"]`; trainers pass it on, e.g.
+`diffusion_loss(parts, batch, options, generator=batch.get("generator"))`, so noise and timesteps come
+from a stream the loop checkpoints and restores. Global RNGs (python, numpy, torch, CUDA) are restored
+too, for whatever a trainer draws from them. The data order depends only on (seed, epoch, index).
+
+Exactness. A checkpoint is written at an optimizer-step boundary and holds the trained parameters,
+optimizer, schedule, grad scaler, EMA, every RNG state and the data position (epoch, batch), so a run
+resumed from step N continues bit for bit as the uninterrupted run would have (CPU, fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuner.checkpoint import Position, TrainingState, capture_rng, list_checkpoints, resolve_resume, restore_rng
+from tuner.config import RunConfig, save_config
+from tuner.errors import ConfigError, TrainingStopped, TunerError
+from tuner.progress import ProgressBar, StopSignal
+from tuner.tracking import Tracker, check_backend
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SKIPPED_STEPS = 25  # fp16: consecutive overflow-skipped steps before the guard calls it divergence
+
+
+def train(config: RunConfig, resume: str | None = None) -> Path:
+    """Train `config.method` on `config.data`; returns the run folder (artifacts, checkpoints, grids, logs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+
+    from tuner.data import build_training_data
+    from tuner.models import load_parts
+    from tuner.optim import build_lr_scheduler, build_optimizer
+    from tuner.registry import get_trainer
+
+    tc = config.train
+    run_dir = Path(tc.output_dir)
+    _check_environment(config)
+    accelerator = Accelerator(
+        # Launched as several processes on a machine without CUDA: DDP over gloo on the CPU, not N lone runs.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        step_scheduler_with_optimizer=False,  # stepped once per real optimizer step, whatever the process count
+    )
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    resume_from = resolve_resume(run_dir, resume, tc.resume_fallback) if resume else None
+    if resume_from is None and list_checkpoints(run_dir):
+        raise TunerError(
+            f"train.output_dir = {str(run_dir)!r} already holds checkpoints of an earlier run; continue it with "
+            "--resume latest, or pick another output_dir, so checkpoints of two runs never mix"
+        )
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = tc.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tc.allow_tf32
+
+    set_seed(tc.seed)
+    weight_dtype = WEIGHT_DTYPES[tc.mixed_precision]
+    m = config.model
+    parts = load_parts(m.pretrained_model_name_or_path, m.revision, m.variant, m.vae, accelerator.device, weight_dtype)
+    if weight_dtype != torch.float32 and getattr(parts.vae.config, "force_upcast", False):
+        parts.vae.to(torch.float32)  # this VAE overflows in half precision; its config says so
+    trainer = get_trainer(config.method)(config)
+    trainables = trainer.prepare(parts)
+    params = trainables.parameters()
+    if weight_dtype != torch.float32:
+        # Trained weights and their optimizer state stay fp32 (autocast computes in half): half-precision
+        # weights would round away updates smaller than their epsilon, and fp16 grads cannot be unscaled.
+        for p in params:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    _memory_levers(parts, trainables.modules, config)
+    data = build_training_data(config, parts, trainables.needs, rank=rank, world_size=world)
+    accelerator.wait_for_everyone()
+
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    optimizer = build_optimizer(config.optimizer, trainables.param_groups, accelerator.device, fsdp=sharded)
+    scheduler = build_lr_scheduler(config.optimizer, optimizer, tc.max_train_steps)
+    names = list(trainables.modules)
+    prepared = accelerator.prepare(*trainables.modules.values(), optimizer, scheduler)
+    wrapped = dict(zip(names, prepared[: len(names)]))
+    optimizer, scheduler = prepared[len(names) :]
+    for key, module in wrapped.items():
+        _place(parts, key, module)
+        module.train()
+    ema = _make_ema(params, tc) if tc.use_ema else None
+    set_seed(tc.seed, device_specific=True)  # after init: each process draws its own dropout masks etc.
+    generator = torch.Generator().manual_seed((tc.seed * 1_000_003 + rank) % 2**63)
+    state = TrainingState(
+        trainable=_trainable_tensors({k: accelerator.unwrap_model(v) for k, v in wrapped.items()}, params),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        position=Position(),
+        scaler=accelerator.scaler,
+        ema=ema,
+        rank=rank,
+        world_size=world,
+        sharded=sharded,
+        config=config.to_dict(),
+    )
+    if tc.checkpointing_steps <= tc.max_train_steps:
+        state.check_storable()
+    if resume_from is not None:
+        for warning in state.load(resume_from):
+            logger.warning("resume: %s", warning)
+        trainer.load(parts, resume_from)
+    elif main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.json")
+    if main:
+        print(_summary(config, parts, optimizer, data, world, resume_from), flush=True)
+
+    tracker = Tracker(run_dir, tc.report_to, main, config.to_dict(), state.position.global_step)
+    bar = ProgressBar(tc.max_train_steps, state.position.global_step, main)
+    last_good = resume_from
+    try:
+        with StopSignal(bar.write) as stop:
+            last_good = _run_steps(
+                config, accelerator, trainer, parts, wrapped, params, data, state, tracker, bar, stop, last_good
+            )
+        accelerator.wait_for_everyone()
+        if ema is not None:
+            ema.copy_to(params)
+        for key, module in wrapped.items():
+            _place(parts, key, accelerator.unwrap_model(module, keep_fp32_wrapper=False))
+        if config.validation.enabled and not _validated_at(config, state.position.global_step):
+            _validate(accelerator, trainer, parts, wrapped, None, params, state, tracker, run_dir, unwrap=False)
+        if main:
+            artifact = trainer.save(parts, run_dir)
+            artifact.write(run_dir)
+        accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+        tracker.close()
+    accelerator.end_training()
+    return run_dir
+
+
+def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state, tracker, bar, stop, last_good):
+    """Optimizer steps from `state.position` to `max_train_steps`; returns the newest checkpoint folder."""
+    tc, pos = config.train, state.position
+    run_dir, max_norm = Path(tc.output_dir), config.optimizer.max_grad_norm or math.inf
+    stream = _BatchStream(data, pos)
+    skipped, interval = 0, []
+    while pos.global_step < tc.max_train_steps:
+        trainer.global_step = pos.global_step
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(tc.gradient_accumulation_steps):
+            batch = _to_device(next(stream), accelerator.device)
+            batch["generator"] = state.generator
+            with accelerator.accumulate(*wrapped.values()):
+                with accelerator.autocast():
+                    loss = trainer.compute_loss(parts, batch)
+                accelerator.backward(loss)
+            step_loss += loss.detach().float() / tc.gradient_accumulation_steps
+        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+        flags = torch.stack([step_loss, torch.tensor(float(stop.requested), device=step_loss.device)])
+        flags = accelerator.reduce(flags, "sum")  # one collective: every process sees the same loss and stop flag
+        loss_value, stop_requested = flags[0].item() / accelerator.num_processes, flags[1].item() > 0
+        norm_value = float(grad_norm) if grad_norm is not None else 0.0
+        # fp16: the grad scaler skips overflowing steps by itself, so only the loss is checked here.
+        bad_norm = accelerator.scaler is None and not math.isfinite(norm_value)
+        if not math.isfinite(loss_value) or bad_norm:
+            raise _diverged(config, pos.global_step + 1, loss_value, norm_value, last_good)
+        lrs = {f"lr/{g['name']}": g["lr"] for g in state.optimizer.param_groups}  # the rates this step uses
+        state.optimizer.step()
+        if state.optimizer.step_was_skipped:
+            skipped += 1
+            if skipped >= MAX_SKIPPED_STEPS:
+                raise _diverged(config, pos.global_step + 1, loss_value, norm_value, last_good)
+        else:
+            skipped = 0
+            state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        trainer.after_optimizer_step(parts)
+        if state.ema is not None:
+            state.ema.step(params)
+        pos.global_step += 1
+        pos.epoch, pos.batch = stream.epoch, stream.batch
+        bar.update(loss_value, next(iter(lrs.values())))
+        interval.append(loss_value)
+        if pos.global_step % tc.logging_steps == 0 or pos.global_step == tc.max_train_steps:
+            tracker.log({"loss": sum(interval) / len(interval), "grad_norm": norm_value, **lrs}, pos.global_step)
+            interval = []
+        if stop_requested or pos.global_step % tc.checkpointing_steps == 0:
+            last_good = state.save(run_dir, tc.checkpoints_total_limit, accelerator.is_main_process,
+                                   accelerator.wait_for_everyone)  # fmt: skip
+        if stop_requested:
+            raise TrainingStopped(
+                f"interrupted after step {pos.global_step}; checkpoint saved at {last_good}. "
+                f"Continue with --resume latest (or --resume {last_good})"
+            )
+        if _validated_at(config, pos.global_step) and config.validation.enabled:
+            _validate(accelerator, trainer, parts, wrapped, state.ema, params, state, tracker, run_dir, unwrap=True)
+    return last_good
+
+
+class _BatchStream:
+    """Micro-batches across epoch boundaries, counting the position a checkpoint records."""
+
+    def __init__(self, data, position: Position):
+        self.data, self.epoch, self.batch = data, position.epoch, position.batch
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.data.iterate(self.epoch, start=self.batch))
+            try:
+                batch = next(self._it)
+                self.batch += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+        raise TunerError(f"the data yields no batches in epoch {self.epoch}; see `tuner check-data`")
+
+
+def _diverged(config: RunConfig, step: int, loss: float, grad_norm: float, last_good: Path | None) -> TrainingStopped:
+    what = f"loss = {loss}" if not math.isfinite(loss) else f"gradient norm = {grad_norm}"
+    causes = [f"the learning rate is too high (optimizer.learning_rate = {config.optimizer.learning_rate:g})"]
+    if config.train.mixed_precision == "fp16":
+        causes.append("fp16 overflow (train.mixed_precision = 'fp16'; try 'bf16' or 'no')")
+    else:
+        causes.append("half-precision overflow if you switch to fp16 (bf16 or no are safer)")
+    safe = (
+        f"the last good checkpoint is {last_good} (--resume {last_good})"
+        if last_good
+        else "no checkpoint was written yet"
+    )
+    return TrainingStopped(
+        f"step {step}: {what}, so training stopped before applying it. Likely causes: {'; or '.join(causes)}. "
+        f"Nothing saved was touched; {safe}"
+    )
+
+
+def _check_environment(config: RunConfig) -> None:
+    tc = config.train
+    check_backend(tc.report_to)
+    if tc.attention == "xformers":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.attention = 'xformers' needs a CUDA GPU; use 'sdpa' (the default) here")
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "train.attention = 'xformers': xformers is not installed (`pip install xformers`); "
+                "'sdpa' (the default) is as fast on recent torch"
+            ) from None
+    if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("train.mixed_precision = 'fp16' without CUDA runs with no grad scaler; prefer 'bf16'")
+
+
+def _memory_levers(parts, modules: dict[str, nn.Module], config: RunConfig) -> None:
+    """Gradient checkpointing in the UNet and text encoders; xformers attention when asked (SDPA otherwise)."""
+    tc = config.train
+    if tc.gradient_checkpointing:
+        unet = parts.unwrapped(parts.unet)
+        if hasattr(unet, "enable_gradient_checkpointing"):
+            unet.enable_gradient_checkpointing()
+        for encoder in parts.text_encoders:
+            if hasattr(encoder, "gradient_checkpointing_enable"):
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.attention == "xformers":
+        for module in (parts.unet, parts.vae):
+            parts.unwrapped(module).enable_xformers_memory_efficient_attention()
+
+
+def _make_ema(params: list[nn.Parameter], tc):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=tc.ema_decay)
+
+
+def _trainable_tensors(modules: dict[str, nn.Module], params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """name -> parameter for every trainable parameter: `<module key>.<parameter name>`, then any strays."""
+    named: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, module in modules.items():
+        for name, p in module.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                named[f"{key}.{name}"] = p
+                seen.add(id(p))
+    for index, p in enumerate(params):
+        if id(p) not in seen:
+            named[f"params.{index}"] = p
+    return named
+
+
+def _place(parts, key: str, module: nn.Module) -> None:
+    """Put a (wrapped or unwrapped) module back where the trainer's `modules` key says it lives on `parts`."""
+    if key in ("text_encoder", "text_encoder_2") or key.startswith("text_encoders."):
+        index = int(key.rsplit(".", 1)[1]) if "." in key else (1 if key.endswith("_2") else 0)
+        parts.text_encoders[index] = module
+    elif isinstance(getattr(parts, key, None), nn.Module):
+        setattr(parts, key, module)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            return [v.to(device, non_blocking=True) for v in value]
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
+
+
+def _validated_at(config: RunConfig, step: int) -> bool:
+    every = config.validation.validation_steps
+    return bool(every) and step % every == 0
+
+
+@contextmanager
+def _ema_weights(ema, params):
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def _validate(accelerator, trainer, parts, wrapped, ema, params, state, tracker, run_dir: Path, unwrap: bool) -> None:
+    """Main process renders the trainer's grid with the unwrapped (EMA) weights; no RNG stream is disturbed."""
+    if accelerator.is_main_process:
+        rng = capture_rng(state.generator)
+        if unwrap:
+            for key, module in wrapped.items():
+                _place(parts, key, accelerator.unwrap_model(module))
+        for module in wrapped.values():
+            module.eval()
+        try:
+            with _ema_weights(ema, params), torch.no_grad(), accelerator.autocast():
+                image = trainer.validation_images(parts, state.position.global_step)
+        finally:
+            for key, module in wrapped.items():
+                module.train()
+                if unwrap:
+                    _place(parts, key, module)
+            restore_rng(rng, state.generator)
+        if image is not None:
+            path = run_dir / "grids" / f"step-{state.position.global_step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            tracker.log_image("validation", image, state.position.global_step)
+    accelerator.wait_for_everyone()
+
+
+def _summary(config: RunConfig, parts, optimizer, data, world: int, resume_from: Path | None) -> str:
+    """The resolved config in a few lines, printed before training starts."""
+    tc, oc = config.train, config.optimizer
+    global_batch = tc.train_batch_size * tc.gradient_accumulation_steps * world
+    groups = ", ".join(
+        f"{g['name']} {sum(p.numel() for p in g['params']):,} @ {g.get('initial_lr', g['lr']):g}"
+        for g in optimizer.param_groups
+    )
+    epochs = math.ceil(tc.max_train_steps * tc.gradient_accumulation_steps / max(data.batches_per_epoch, 1))
+    lines = [
+        f"tuner train · method {config.method} · model {parts.source} ({parts.family.name}, {parts.prediction_type})",
+        f"  data {config.data.path} · {data.batches_per_epoch} batches/epoch · ~{epochs} epoch(s)",
+        f"  {tc.max_train_steps} steps × batch {tc.train_batch_size} × accumulation {tc.gradient_accumulation_steps} "
+        f"× {world} process(es) = {global_batch} images/step",
+        f"  optimizer {oc.name} ({oc.lr_scheduler}, warmup {oc.lr_warmup_steps}) · trainable: {groups}",
+        f"  precision {tc.mixed_precision} · gradient checkpointing {'on' if tc.gradient_checkpointing else 'off'} "
+        f"· attention {tc.attention} · EMA {'on' if tc.use_ema else 'off'} · seed {tc.seed}",
+        f"  output {tc.output_dir} · checkpoint every {tc.checkpointing_steps} (keep {tc.checkpoints_total_limit})"
+        + (f" · resuming from {resume_from}" if resume_from else ""),
+    ]
+    return "\n".join(lines)
