@@ -22,32 +22,20 @@ from tuner.losses import LossOptions, diffusion_loss
 from tuner.models import Parts
 from tuner.trainer import Artifact, Trainables, Trainer
 
+# fmt: off
 OBJECT_TEMPLATES = (
-    "a photo of a {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a dark photo of the {}",
-    "a cropped photo of a {}",
-    "a photo of my {}",
-    "a photo of the small {}",
-    "a photo of the large {}",
-    "a good photo of a {}",
-    "a rendering of a {}",
-    "a photo of one {}",
-    "a clean photo of the {}",
+    "a photo of a {}", "a close-up photo of a {}", "a bright photo of the {}", "a dark photo of the {}",
+    "a cropped photo of a {}", "a photo of my {}", "a photo of the small {}", "a photo of the large {}",
+    "a good photo of a {}", "a rendering of a {}", "a photo of one {}", "a clean photo of the {}",
 )
 STYLE_TEMPLATES = (
-    "a painting in the style of {}",
-    "a rendering in the style of {}",
-    "a picture in the style of {}",
-    "a cropped painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a bright painting in the style of {}",
-    "a dark painting in the style of {}",
-    "a small painting in the style of {}",
-    "a large painting in the style of {}",
+    "a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
+    "a cropped painting in the style of {}", "a close-up painting in the style of {}",
+    "a bright painting in the style of {}", "a dark painting in the style of {}",
+    "a small painting in the style of {}", "a large painting in the style of {}",
     "a good painting in the style of {}",
 )
+# fmt: on
 VALIDATION_TEMPLATES = {
     "object": ("a photo of a {}", "a {} on the beach", "a painting of a {} in the snow"),
     "style": ("a painting in the style of {}", "a dog in the style of {}", "a city at night in the style of {}"),
@@ -69,7 +57,8 @@ class TextualInversionConfig(MethodConfig):
     templates: Literal["object", "style", "captions"] = "object"
     """Training captions: built-in object templates ("a photo of a {}"), style templates ("a painting in the
     style of {}"), or the dataset's captions with `{token}` expanded (put `{token}` in `data.caption_template`
-    or in the captions)."""
+    or in the captions). With object/style templates the dataset's captions are ignored, and a
+    `data.caption_template` that needs captions becomes `{token}` so caption-less images are fine."""
     pivotal: bool = False
     """Pivotal tuning: textual inversion for `pivotal_ti_steps`, then a LoRA (the `lora` table) on top."""
     pivotal_ti_steps: int = Field(100, ge=1)
@@ -202,9 +191,10 @@ class TextualInversionTrainer(Trainer):
         phase 2 freeze them or scale their step (state-free: works under any optimizer, schedule or resume)."""
         cfg = self.method_config
         with torch.no_grad():
-            for weight, rows, before in zip(self._weights(parts), self.rows, self._before):
+            for index, (weight, rows) in enumerate(zip(self._weights(parts), self.rows)):
                 rows.restore_frozen(weight)
-                if cfg.pivotal and not self.in_phase_one:
+                if cfg.pivotal and not self.in_phase_one and self._before:
+                    before = self._before[index]
                     scale = 0.0 if cfg.pivotal_embedding_mode == "frozen" else cfg.pivotal_embedding_lr_scale
                     now = weight[rows.ids]
                     weight[rows.ids] = before if scale == 0.0 else before + scale * (now - before)
@@ -352,21 +342,10 @@ class TextualInversionTrainer(Trainer):
         from tuner.export.metadata import modelspec
 
         stem = file_stem(self.token)
-        meta = modelspec(
-            parts.family,
-            parts.prediction_type,
-            stem,
-            self.config.data.resolution,
-            trigger=stem,
-            adapter="textual-inversion",
-        )
-        meta.update(
-            {
-                "tuner.token": self.token,
-                "tuner.num_vectors": str(len(self.names)),
-                "tuner.config": json.dumps(self.config.to_dict(), ensure_ascii=False),
-            }
-        )
+        meta = modelspec(parts.family, parts.prediction_type, stem, self.config.data.resolution, trigger=stem,
+                         adapter="textual-inversion")  # fmt: skip
+        meta.update({"tuner.token": self.token, "tuner.num_vectors": str(len(self.names)),
+                     "tuner.config": json.dumps(self.config.to_dict(), ensure_ascii=False)})  # fmt: skip
         return meta
 
 
