@@ -134,6 +134,12 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_sample)
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from tuner import hub
+
+    return hub.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tuner",
@@ -155,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _sample_arguments(sub.add_parser("sample", help="render prompts x seeds x LoRA scales: PNGs and a grid"))
     _sample_arguments(sub.add_parser("grid", help="like sample, but write only the labeled grid.png"))
+
+    p = sub.add_parser("publish", help="upload a finished run (artifacts, model card, grids) to a model hub")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="finished run folder (holds artifact.json)")
+    p.add_argument("--repo-id", help="target repository user/name (default: hub.repo_id of the run)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    p.add_argument("--dry-run", action="store_true", help="write the exact upload folder and list it; upload nothing")
+    p.add_argument("--endpoint", help="hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.set_defaults(handler=cmd_publish)
 
     p = sub.add_parser("make-tiny", help="write a tiny random pipeline (for tests and trying things out)")
     p.add_argument("directory")
