@@ -398,15 +398,6 @@ def publish(
 # --- command line (wired by tuner.cli) -------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `tuner publish RUN_DIR --repo-id user/name [--private] [--dry-run] [--endpoint URL]`."""
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="finished run folder (holds artifact.json)")
-    parser.add_argument("--repo-id", help="target repository user/name (default: hub.repo_id of the run)")
-    parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
-    parser.add_argument("--dry-run", action="store_true", help="stage the upload folder and list it; upload nothing")
-    parser.add_argument("--endpoint", help="hub URL (default: HF_ENDPOINT or https://huggingface.co)")
-
-
 def run(args: argparse.Namespace) -> int:
     """`tuner publish`: defaults come from the run's [hub] table; errors are raised as TunerError."""
     _, _, config = _read_run(args.run_dir)

@@ -5,7 +5,6 @@ Uploads use the real huggingface_hub client over real HTTP against the loopback 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -304,11 +303,11 @@ def test_offline_mode_is_refused(run_dir, hub_env, fake_hub, monkeypatch):
 
 
 def test_cli_arguments_default_to_the_runs_hub_table(run_dir, hub_env, capsys):
-    parser = argparse.ArgumentParser()
-    hub.add_arguments(parser)
-    args = parser.parse_args([str(run_dir), "--dry-run"])
+    from tuner.cli import build_parser, main
+
+    args = build_parser().parse_args(["publish", str(run_dir), "--dry-run"])
     assert args.private is None and args.endpoint is None
-    assert hub.run(args) == 0
+    assert main(["publish", str(run_dir), "--dry-run"]) == 0
     assert "me/from-config" in capsys.readouterr().out
 
 
