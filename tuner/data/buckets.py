@@ -62,11 +62,11 @@ class Bucketer:
 
     def _make(self) -> list[Size]:
         step = self.step
-        low = max(step, math.ceil(self.data.min_bucket_reso / step) * step)
-        high = max(low, self.data.max_bucket_reso // step * step)
-        sizes: set[Size] = set()
-        side = min(high, max(low, math.isqrt(self.max_area) // step * step))
-        sizes.add((side, side))
+        side = max(step, math.isqrt(self.max_area) // step * step)
+        # The square bucket always exists: min/max sides that exclude it (min 256 at resolution 64) are widened.
+        low = min(side, max(step, math.ceil(self.data.min_bucket_reso / step) * step))
+        high = max(side, self.data.max_bucket_reso // step * step)
+        sizes: set[Size] = {(side, side)}
         for width in range(low, high + 1, step):
             height = min(high, self.max_area // width // step * step)
             if height >= low:

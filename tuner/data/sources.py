@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,68 +120,83 @@ def read_metadata(folder: Path, data: DataConfig) -> dict[Path, tuple[str | None
     return captions
 
 
+def _image_item(path: Path, root: Path, data: DataConfig, origin: str, caption: str | None, **fields) -> Item:
+    relative = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
+    name = str(relative) if origin == "data.path" else f"{root.name}/{relative}"
+    item = Item(name=name, origin=origin, path=path, caption=caption, **fields)
+    if item.caption is None:
+        try:
+            item.caption = read_sidecar(path, data.caption_extension)
+        except CaptionProblem as exc:
+            item.problem = (exc.reason, exc.detail)
+    return item
+
+
 def scan_folder(
     root: Path,
     data: DataConfig,
     origin: str,
     *,
     recursive: bool,
-    fallback: str | None = None,
-    prefix: str = "",
-    repeats: int = 1,
-    is_class: bool = False,
     listing: Listing,
+    exclude: tuple[Path, ...] = (),
+    **fields,
 ) -> None:
-    """List every file with an image extension under `root` (bad ones too: the check reports them)."""
+    """List every file with an image extension under `root` (bad ones too: the check reports them).
+
+    `fields` (fallback, prefix, repeats, is_class) go onto every item; folders in `exclude` are skipped.
+    """
     if not root.is_dir():
         field_name = "data.path" if origin == "data.path" else f"{origin}.path"
         raise DataError(f"{field_name} = {str(root)!r}: no such folder")
+    excluded = {p.resolve() for p in exclude}
     metadata: dict[Path, tuple[str | None, str]] = {}
     folders = [root] if not recursive else [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
     for folder in folders:
         if any(part in SKIPPED_DIRS or part.startswith(".") for part in folder.relative_to(root).parts):
             continue
         metadata.update(read_metadata(folder, data))
+    sidecar = data.caption_extension if data.caption_extension.startswith(".") else f".{data.caption_extension}"
     seen: set[Path] = set()
     count = 0
     for path in _walk(root, recursive):
+        if any(path.resolve().is_relative_to(ex) for ex in excluded):
+            continue
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            if path.name not in METADATA_FILES and path.suffix != data.caption_extension:
+            if path.name not in METADATA_FILES and path.suffix not in (sidecar, ".txt", ".caption"):
                 listing.ignored_files += 1
             continue
         resolved = path.resolve()
         seen.add(resolved)
-        item = Item(
-            name=str(path.relative_to(root)) if origin == "data.path" else f"{root.name}/{path.relative_to(root)}",
-            origin=origin,
-            path=path,
-            fallback=fallback,
-            prefix=prefix,
-            repeats=repeats,
-            is_class=is_class,
-        )
-        if resolved in metadata:
-            item.caption = metadata[resolved][0]
-        if item.caption is None:
-            try:
-                item.caption = read_sidecar(path, data.caption_extension)
-            except CaptionProblem as exc:
-                item.problem = (exc.reason, exc.detail)
-        listing.items.append(item)
+        listing.items.append(_image_item(path, root, data, origin, metadata.get(resolved, (None,))[0], **fields))
         count += 1
-    for target, (_, where) in metadata.items():
-        if target not in seen:
-            listing.items.append(
-                Item(
-                    name=str(target.relative_to(root.resolve())),
-                    origin=origin,
-                    path=target,
-                    repeats=repeats,
-                    is_class=is_class,
-                    problem=("missing file", f"named in {where} but not found"),
-                )
-            )
+    for target, (caption, where) in metadata.items():
+        if target in seen:
+            continue
+        if target.is_file():  # named by metadata in a sub-folder the (non-recursive) walk did not enter
+            listing.items.append(_image_item(target, root.resolve(), data, origin, caption, **fields))
+            count += 1
+        else:
+            name = str(target.relative_to(root.resolve()))
+            problem = ("missing file", f"named in {where} but not found")
+            listing.items.append(Item(name=name, origin=origin, path=target, problem=problem, **fields))
     listing.sources.append({"origin": origin, "kind": "folder", "location": str(root), "images": count})
+
+
+_LEGACY = re.compile(r"^(\d+)_(.+)$")
+
+
+def legacy_subsets(folder: Path) -> list[SubsetConfig]:
+    """kohya's folder convention `<repeats>_<class tokens>/` (e.g. `10_sks dog`), used when the folder itself
+    holds no images but such sub-folders."""
+    if any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
+        return []
+    subsets = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        match = _LEGACY.match(sub.name)
+        if match and int(match.group(1)) >= 1:
+            subsets.append(SubsetConfig(path=str(sub), num_repeats=int(match.group(1)), class_tokens=match.group(2)))
+    return subsets
 
 
 # --- `datasets` ----------------------------------------------------------------------------------------
@@ -261,11 +277,11 @@ def add_dataset(ds, data: DataConfig, label: str, listing: Listing, *, fallback:
 # --- the run's sources ---------------------------------------------------------------------------------
 
 
-def _subset_items(subset: SubsetConfig, index: int, data: DataConfig, listing: Listing) -> None:
+def _subset_items(subset: SubsetConfig, origin: str, data: DataConfig, listing: Listing) -> None:
     scan_folder(
         Path(subset.path).expanduser(),
         data,
-        f"data.subsets[{index}]",
+        origin,
         recursive=data.recursive,
         fallback=subset.class_tokens or (None if subset.is_reg else data.instance_prompt),
         prefix=subset.caption_prefix,
@@ -288,7 +304,7 @@ def list_sources(config: RunConfig) -> Listing:
             from tuner.data.kohya import read_kohya_toml
 
             for index, subset in enumerate(read_kohya_toml(local)):
-                _subset_items(subset, index, data, listing)
+                _subset_items(subset, f"{local.name} subset {index}", data, listing)
         elif data.source_format in ("imagefolder", "datasets") or (
             data.source_format == "auto"
             and (
@@ -297,7 +313,11 @@ def list_sources(config: RunConfig) -> Listing:
             )
         ):
             add_dataset(load_hf_dataset(data, path), data, local.name or path, listing, fallback=data.instance_prompt)
+        elif local.is_dir() and (legacy := legacy_subsets(local)):
+            for subset in legacy:
+                _subset_items(subset, f"data.path subset {Path(subset.path).name!r}", data, listing)
         elif local.is_dir():
+            exclude = (Path(data.class_data_dir).expanduser(),) if data.class_data_dir else ()
             scan_folder(
                 local,
                 data,
@@ -306,11 +326,12 @@ def list_sources(config: RunConfig) -> Listing:
                 fallback=data.instance_prompt,
                 repeats=data.num_repeats,
                 listing=listing,
+                exclude=exclude,
             )
         elif local.exists():
             raise DataError(f"data.path = {path!r}: a file, not a folder; give a folder of images or a kohya .toml")
         else:
             raise DataError(f"data.path = {path!r}: no such folder")
     for index, subset in enumerate(data.subsets):
-        _subset_items(subset, index, data, listing)
+        _subset_items(subset, f"data.subsets[{index}]", data, listing)
     return listing

@@ -59,3 +59,9 @@ def test_square_crop_center_and_random_and_flip_coordinates():
     plain = np.asarray(apply(img, b.place((128, 64), (64, 64), np.random.default_rng(1)), flip=False))
     flipped = np.asarray(apply(img, b.place((128, 64), (64, 64), np.random.default_rng(1)), flip=True))
     assert np.array_equal(plain[:, ::-1], flipped)
+
+
+def test_min_side_above_the_resolution_still_gives_a_square_bucket():
+    b = Bucketer(DataConfig(resolution=64, bucket_reso_steps=8))  # min_bucket_reso defaults to 256
+    assert (64, 64) in b.buckets and all(w * h <= 64 * 64 for w, h in b.buckets)
+    assert b.bucket_for((64, 64)) == (64, 64)

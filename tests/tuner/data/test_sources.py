@@ -118,3 +118,28 @@ def test_datasets_imagefolder_saved_dataset_and_offline_hub_id(tmp_path, make_co
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(DataError, match="someone/no-such-dataset"):
         check_data(make_config("someone/no-such-dataset"))
+
+
+def test_metadata_may_name_files_in_sub_folders(tmp_path, make_config, noise_image):
+    (tmp_path / "sub").mkdir()
+    noise_image(tmp_path / "sub" / "deep.png", seed=1)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "sub/deep.png", "text": "from a sub-folder"}\n')
+    (item,) = list_sources(make_config(tmp_path)).items
+    assert (item.name, item.caption, item.problem) == ("sub/deep.png", "from a sub-folder", None)
+
+
+def test_kohya_legacy_folder_names_and_class_dir_inside_data(tmp_path, make_config, noise_image):
+    (tmp_path / "10_sks dog").mkdir()
+    (tmp_path / "notes").mkdir()
+    noise_image(tmp_path / "10_sks dog" / "a.png", seed=1)
+    (item,) = list_sources(make_config(tmp_path)).items
+    assert (item.fallback, item.repeats) == ("sks dog", 10)
+
+    data = tmp_path / "data"
+    (data / "class").mkdir(parents=True)
+    noise_image(data / "inst.png", seed=2, caption="sks")
+    noise_image(data / "class" / "c.png", seed=3)
+    config = make_config(data, recursive=True, with_prior_preservation=True, class_data_dir=str(data / "class"),
+                         class_prompt="a dog")  # fmt: skip
+    report = check_data(config)
+    assert {(f.name, f.is_class) for f in report.files} == {("inst.png", False), ("class/c.png", True)}
