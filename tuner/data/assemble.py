@@ -15,7 +15,8 @@ from tuner.config import RunConfig
 from tuner.data.buckets import Placement, apply
 from tuner.data.cache import TensorCache, default_cache_dir, digest, text_identity, vae_identity
 from tuner.data.check import Entry
-from tuner.data.images import open_rgb, parse_color, to_tensor_array
+from tuner.data.images import ImageProblem, open_rgb, parse_color, to_tensor_array
+from tuner.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,14 @@ class Assembler:
 
     # --- pixels and latents ---------------------------------------------------------------------------------
     def pixels(self, row: Row) -> torch.Tensor:
-        img = open_rgb(row.entry.item.read_bytes(), self.background, self.data.max_image_pixels)
+        try:
+            raw = row.entry.item.read_bytes()
+            img = open_rgb(raw, self.background, self.data.max_image_pixels)
+        except (OSError, ImageProblem) as exc:
+            raise DataError(
+                f"{row.entry.name}: changed or removed since the data check ({exc}); restore it, or restart the run "
+                "so the check runs again"
+            ) from None
         return torch.from_numpy(to_tensor_array(apply(img, row.placement, row.flip)))
 
     def latent_key(self, row: Row) -> str:

@@ -23,7 +23,7 @@ from tuner.data.sources import Item, Listing, list_sources
 from tuner.errors import ConfigError
 
 REFUSED = ("zero bytes", "not an image", "corrupt", "truncated", "decompression bomb", "unreadable caption encoding",
-           "missing file", "unreadable file")  # fmt: skip
+           "missing file", "unreadable file", "unsupported mode")  # fmt: skip
 SKIPPED = ("duplicate", "too small", "missing caption")
 
 

@@ -113,6 +113,7 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
     img = _open(data, max_pixels)
     fmt, mode = img.format or "?", img.mode
     _decode(img)
+    _convert(img, (0, 0, 0))
     width, height = img.size
     if _orientation(img) in _ROTATING_ORIENTATIONS:
         width, height = height, width
@@ -152,11 +153,18 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")
 
 
+def _convert(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    try:
+        return to_rgb(img, background)
+    except (ValueError, OSError) as exc:
+        raise ImageProblem("unsupported mode", f"cannot convert Pillow mode {img.mode!r} to RGB ({exc})") from None
+
+
 def open_rgb(data: bytes, background: tuple[int, int, int], max_pixels: int) -> Image.Image:
     """Decoded, upright, RGB image; raises `ImageProblem` for a bad file."""
     img = _open(data, max_pixels)
     _decode(img)
-    return to_rgb(_transpose(img), background)
+    return _convert(_transpose(img), background)
 
 
 def to_tensor_array(img: Image.Image) -> np.ndarray:

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from tuner.conditioning import encode_captions, encode_pixels
+from tuner.conditioning import batch_conditioning, encode_captions, encode_pixels
 from tuner.data import build_training_data
 from tuner.data.assemble import Row
 
@@ -59,6 +59,10 @@ def test_warm_epochs_and_runs_touch_no_encoder(tmp_path, family, make_config, no
     batch = batches[0]
     if family == "sdxl":
         assert batch["pooled_prompt_embeds"].shape == (2, 32) and batch["prompt_embeds"].shape == (2, 77, 64)
+        kwargs = batch_conditioning(parts, batch)
+        ids = kwargs["added_cond_kwargs"]["time_ids"]
+        expected = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+        assert torch.equal(ids, expected.to(ids.dtype))
     with torch.no_grad():
         embeds, _ = encode_captions(parts, batch["captions"])
     torch.testing.assert_close(batch["prompt_embeds"], embeds)

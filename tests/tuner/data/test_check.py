@@ -102,3 +102,13 @@ def test_check_data_command_text_json_and_exit_status(corpus, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="data.resolutoin"):
         check_data_main(str(corpus), sets=["data.resolutoin=64"])
+
+
+def test_a_file_removed_after_the_check_is_a_clear_error(tmp_path, make_config, noise_image, tiny_parts):
+    for i in range(2):
+        noise_image(tmp_path / f"{i}.png", seed=i, caption="x")
+    data = build_training_data(make_config(tmp_path), tiny_parts("sd1"), frozenset({"pixels"}), verbose=False)
+    assert (tmp_path / ".tuner-cache" / "inspect.json").is_file(), "a re-run skips hashing and decoding"
+    (tmp_path / "1.png").unlink()
+    with pytest.raises(DataError, match=r"1\.png: changed or removed since the data check"):
+        list(data.iterate(0))
