@@ -30,7 +30,7 @@ from tuner.errors import DataError
 logger = logging.getLogger("tuner.data")
 
 # Purposes of the per-example generators: one stream each, so adding one never shifts the others.
-_ORDER, _FLIP, _CROP, _CAPTION, _CLASS, _SAMPLE = range(6)
+_ORDER, _FLIP, _CROP, _CAPTION, _CLASS_PICK, _CLASS_AUGMENT = range(6)
 
 
 def rng_for(seed: int, epoch: int, index: int, purpose: int) -> np.random.Generator:
@@ -122,8 +122,8 @@ class TrainingData:
         for bucket in buckets:
             pool[bucket].extend(native.get(bucket, []))
         total = sum(len(v) for v in self._by_bucket.values())
-        for entry in rest:  # largest shortfall against the bucket's share of instance examples first
-            bucket = max(buckets, key=lambda b: len(self._by_bucket[b]) / total - len(pool[b]) / len(rest or [1]))
+        for entry in rest:  # to the bucket furthest below its share of the instance examples
+            bucket = max(buckets, key=lambda b: len(self._by_bucket[b]) / total - len(pool[b]) / len(rest))
             pool[bucket].append(entry)
         for i, bucket in enumerate(buckets):
             if not pool[bucket]:
@@ -161,9 +161,9 @@ class TrainingData:
         if self.data.prior_mode == "model":
             return Row(instance.entry, instance.placement, instance.flip, self.data.class_prompt or "", True)
         pool = self._class_pool[bucket]
-        order = rng_for(self.seed, epoch, bucket[0] * 100_003 + bucket[1], _CLASS).permutation(len(pool))
+        order = rng_for(self.seed, epoch, bucket[0] * 100_003 + bucket[1], _CLASS_PICK).permutation(len(pool))
         entry = pool[int(order[slot % len(pool)])]
-        rng = rng_for(self.seed, epoch, slot, _CLASS + 100)
+        rng = rng_for(self.seed, epoch, slot, _CLASS_AUGMENT)
         flip = self.data.random_flip > 0 and rng.random() < self.data.random_flip
         return Row(entry, self._placement(entry, bucket, rng), flip, entry.caption, True)
 

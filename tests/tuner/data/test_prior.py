@@ -43,3 +43,31 @@ def test_class_images_are_generated_once_and_reused(tmp_path, make_config, noise
         assert (classes / made[1]).read_bytes() == original, "same seed per image -> same image"
     finally:
         handle.remove()
+
+
+def test_class_half_shares_the_instance_bucket_and_stays_cached(tmp_path, make_config, noise_image, tiny_parts):
+    from tuner.config import SubsetConfig
+
+    parts = tiny_parts("sd1")
+    inst, reg = tmp_path / "inst", tmp_path / "reg"
+    inst.mkdir(), reg.mkdir()
+    for i in range(4):
+        noise_image(inst / f"{i}.png", size=[(64, 64), (48, 80)][i % 2], seed=i)
+    for i in range(3):
+        noise_image(reg / f"{i}.png", seed=10 + i)  # all square
+    subsets = [SubsetConfig(path=str(inst), class_tokens="sks dog"), SubsetConfig(path=str(reg), class_tokens="dog",
+                                                                                  is_reg=True)]  # fmt: skip
+    config = make_config(subsets=subsets, with_prior_preservation=True, random_flip=0.5)
+    data = build_training_data(config, parts, frozenset({"latents"}), verbose=False)
+    calls = []
+    handle = parts.vae.encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        shapes = set()
+        for epoch in range(3):
+            for batch in data.iterate(epoch):
+                assert batch["is_prior"].tolist() == [False, False, True, True]
+                assert batch["target_size"][0].tolist() == batch["target_size"][2].tolist()
+                shapes.add(tuple(batch["latent_mean"].shape[-2:]))
+        assert shapes == {(8, 8), (10, 6)} and not calls, "class latents for the 48x80 bucket were cached up front"
+    finally:
+        handle.remove()
