@@ -58,12 +58,22 @@ def split_holdout(config: RunConfig, entries: list[Entry]) -> tuple[list[Entry],
 
 
 def build_training_data(
-    config: RunConfig, parts, needs: frozenset[str], *, rank: int = 0, world_size: int = 1, verbose: bool = True
+    config: RunConfig,
+    parts,
+    needs: frozenset[str],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    verbose: bool = True,
+    dataset=None,
 ) -> TrainingData:
-    """Everything a training run needs from its data; the report is printed (rank 0) and logged first."""
+    """Everything a training run needs from its data; the report is printed (rank 0) and logged first.
+
+    `dataset`, an in-memory `datasets.Dataset`, replaces `data.path` (library use).
+    """
     data = config.data
     bucketer = Bucketer(data, parts.vae_scale_factor)
-    listing = list_sources(config)
+    listing = list_sources(config, dataset)
     ensure_class_images(config, parts, rank=rank, world_size=world_size)
     class_info = class_listing(config, listing)
     memo = InspectMemo(default_cache_dir(config) / "inspect.json", data.max_image_pixels)

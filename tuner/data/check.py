@@ -19,7 +19,7 @@ from tuner.data.cache import default_cache_dir
 from tuner.data.captions import format_caption, template_needs_caption
 from tuner.data.images import ImageProblem, inspect_image
 from tuner.data.report import DataReport, FileRecord
-from tuner.data.sources import Item, Listing, list_sources
+from tuner.data.sources import Item, list_sources
 from tuner.errors import ConfigError
 
 REFUSED = ("zero bytes", "not an image", "corrupt", "truncated", "decompression bomb", "unreadable caption encoding",
@@ -161,17 +161,18 @@ def inspect_items(
     return entries, records
 
 
-def check_data(config: RunConfig, parts=None, *, listing: Listing | None = None) -> DataReport:
+def check_data(config: RunConfig, parts=None, *, dataset=None) -> DataReport:
     """Inspect the data of `config` without training: what would be used, skipped or refused, and why.
 
-    No model is needed; with `parts` the bucket steps are checked against its VAE factor. Class images that
-    prior preservation would generate are counted, not generated.
+    No model is needed; with `parts` the bucket steps are checked against its VAE factor. `dataset` (an
+    in-memory `datasets.Dataset`) replaces `data.path`. Class images that prior preservation would generate are
+    counted, not generated.
     """
     from tuner.data.prior import class_listing
 
     data = config.data
     bucketer = Bucketer(data, parts.vae_scale_factor if parts is not None else 8)
-    listing = listing or list_sources(config)
+    listing = list_sources(config, dataset)
     class_info = class_listing(config, listing)
     memo = InspectMemo(default_cache_dir(config) / "inspect.json", data.max_image_pixels)
     entries, records = inspect_items(listing.items, data, bucketer, memo)

@@ -291,13 +291,18 @@ def _subset_items(subset: SubsetConfig, origin: str, data: DataConfig, listing: 
     )
 
 
-def list_sources(config: RunConfig) -> Listing:
-    """Every item of `data.path` and `data.subsets` (class images of `class_data_dir` are added by `prior`)."""
+def list_sources(config: RunConfig, dataset=None) -> Listing:
+    """Every item of `data.path` (or of `dataset`, an in-memory `datasets.Dataset`) and of `data.subsets`.
+
+    Class images of `class_data_dir` are added by `prior`.
+    """
     data = config.data
     listing = Listing()
-    if not data.path and not data.subsets:
+    if not data.path and not data.subsets and dataset is None:
         raise DataError("data.path is not set and data.subsets is empty: nothing to read; pass --data DIR")
-    if data.path:
+    if dataset is not None:
+        add_dataset(dataset, data, "dataset", listing, fallback=data.instance_prompt)
+    elif data.path:
         path = data.path
         local = Path(path).expanduser()
         if local.is_file() and local.suffix == ".toml":

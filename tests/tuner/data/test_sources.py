@@ -114,6 +114,11 @@ def test_datasets_imagefolder_saved_dataset_and_offline_hub_id(tmp_path, make_co
     items = list_sources(make_config(saved)).items
     assert sorted(i.caption for i in items) == ["caption 0", "caption 1", "caption 2"]
 
+    in_memory = datasets.Dataset.from_dict({"image": [str(folder / "0.png")], "text": ["in memory"]})
+    in_memory = in_memory.cast_column("image", datasets.Image())
+    report = check_data(make_config(None), dataset=in_memory)
+    assert report.used == 1 and report.captions["count"] == 1
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(DataError, match="someone/no-such-dataset"):
