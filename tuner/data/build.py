@@ -14,9 +14,9 @@ from tuner.data.buckets import Bucketer
 from tuner.data.cache import default_cache_dir
 from tuner.data.check import Entry, InspectMemo, inspect_items
 from tuner.data.loader import TrainingData
-from tuner.data.prior import class_listing, ensure_class_images
+from tuner.data.prior import check_prior_config, class_listing, ensure_class_images
 from tuner.data.report import DataReport
-from tuner.data.sources import list_sources
+from tuner.data.sources import Listing, list_sources
 from tuner.errors import DataError
 
 logger = logging.getLogger("tuner.data")
@@ -57,6 +57,21 @@ def split_holdout(config: RunConfig, entries: list[Entry]) -> tuple[list[Entry],
     return [e for e in entries if id(e) not in chosen], [e for e in entries if id(e) in chosen]
 
 
+def _refuse_early(config: RunConfig, report: DataReport, train: list[Entry], show: bool) -> None:
+    """Policy `error` with unusable files, or nothing usable: print the report and stop."""
+    blocked = not train or (config.data.bad_file_policy == "error" and report.problems)
+    if not blocked:
+        return
+    if show:
+        print(report.to_text(), flush=True)
+    apply_policy(config, report)
+    reasons = ", ".join(f"{n} {r}" for r, n in report.reasons().items()) or "no image files"
+    raise DataError(
+        f"data.path = {_describe_location(config)}: no usable training images "
+        f"(found {report.found} file(s): {reasons}); see `tuner check-data` for the list"
+    )
+
+
 def build_training_data(
     config: RunConfig,
     parts,
@@ -74,24 +89,26 @@ def build_training_data(
     data = config.data
     bucketer = Bucketer(data, parts.vae_scale_factor)
     listing = list_sources(config, dataset)
-    ensure_class_images(config, parts, rank=rank, world_size=world_size)
-    class_info = class_listing(config, listing)
+    check_prior_config(config, listing)
     memo = InspectMemo(default_cache_dir(config) / "inspect.json", data.max_image_pixels)
-    entries, records = inspect_items(listing.items, data, bucketer, memo)
-    report = DataReport.build(config, listing, entries, records, class_info=class_info)
-    instance = [e for e in entries if not e.item.is_class]
-    class_entries = [e for e in entries if e.item.is_class]
-    train, holdout = split_holdout(config, instance)
+    seen: dict[str, str] = {}
+    entries, records = inspect_items(listing.items, data, bucketer, memo, seen)
+    train, holdout = split_holdout(config, [e for e in entries if not e.item.is_class])
+    # Refuse bad instance data before spending time on class images.
+    early = DataReport.build(config, listing, entries, records)
+    _refuse_early(config, early, train, verbose and rank == 0)
+
+    ensure_class_images(config, parts, rank=rank, world_size=world_size)
+    class_list = Listing()
+    class_info = class_listing(config, listing, into=class_list)
+    class_new, class_records = inspect_items(class_list.items, data, bucketer, memo, seen)
+    listing.items += class_list.items
+    listing.sources += class_list.sources
+    listing.ignored_files += class_list.ignored_files
+    report = DataReport.build(config, listing, entries + class_new, records + class_records, class_info=class_info)
     report.holdout = len(holdout)
-    if verbose and rank == 0 and not train:
-        print(report.to_text(), flush=True)
     apply_policy(config, report)
-    if not train:
-        reasons = ", ".join(f"{n} {r}" for r, n in report.reasons().items()) or "no image files"
-        raise DataError(
-            f"data.path = {_describe_location(config)}: no usable training images "
-            f"(found {report.found} file(s): {reasons}); see `tuner check-data` for the list"
-        )
+    class_entries = [e for e in entries + class_new if e.item.is_class]
     training = TrainingData(
         config, parts, needs, train, class_entries, holdout, report, bucketer, rank=rank, world_size=world_size
     )

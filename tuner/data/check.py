@@ -111,14 +111,21 @@ def _inspect(item: Item, max_pixels: int, memo: InspectMemo | None) -> dict:
 
 
 def inspect_items(
-    items: list[Item], data: DataConfig, bucketer: Bucketer, memo: InspectMemo | None = None
+    items: list[Item],
+    data: DataConfig,
+    bucketer: Bucketer,
+    memo: InspectMemo | None = None,
+    first_by_hash: dict[str, str] | None = None,
 ) -> tuple[list[Entry], list[FileRecord]]:
-    """Hash and decode every item once; return the usable entries and one record per item."""
+    """Hash and decode every item once; return the usable entries and one record per item.
+
+    `first_by_hash` (content hash -> name) carries duplicate detection across calls.
+    """
     from tqdm.auto import tqdm
 
     entries: list[Entry] = []
     records: list[FileRecord] = []
-    first_by_hash: dict[str, str] = {}
+    first_by_hash = {} if first_by_hash is None else first_by_hash
     smallest = min_side(data)
     for item in tqdm(items, desc="Checking images", unit="img", disable=len(items) < 500):
 
@@ -141,10 +148,12 @@ def inspect_items(
             continue
         bucket = bucketer.bucket_for(size) if min(size) >= smallest else None
         if bucket is None:
-            record(
-                "skipped", "too small", f"{size[0]}x{size[1]}; the shorter side must be at least {smallest} "
-                f"(data.min_image_side) to train at resolution {data.resolution}"
-            )  # fmt: skip
+            why = (
+                f"the shorter side must be at least {smallest} (data.min_image_side) at resolution {data.resolution}"
+                if min(size) < smallest
+                else f"with bucket_no_upscale each side must reach data.bucket_reso_steps = {bucketer.step}"
+            )
+            record("skipped", "too small", f"{size[0]}x{size[1]}; {why}")
             continue
         caption = _caption(data, item)
         if caption is None:

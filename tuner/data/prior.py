@@ -21,7 +21,8 @@ from tuner.errors import ConfigError, DataError
 logger = logging.getLogger("tuner.data")
 
 
-def _check_config(config: RunConfig, listing: Listing) -> None:
+def check_prior_config(config: RunConfig, listing: Listing) -> None:
+    """Prior-preservation settings that contradict each other or the listed subsets are config errors."""
     data = config.data
     has_reg = any(item.is_class for item in listing.items)
     if has_reg and not data.with_prior_preservation:
@@ -68,9 +69,10 @@ def planned_class_files(config: RunConfig) -> tuple[list[Path], list[Path]]:
     return own, [folder / f"class-{i:05d}-{tag}.png" for i in range(wanted)]
 
 
-def class_listing(config: RunConfig, listing: Listing) -> dict | None:
-    """Add the class folder's images to `listing` and describe the class set for the report."""
-    _check_config(config, listing)
+def class_listing(config: RunConfig, listing: Listing, into: Listing | None = None) -> dict | None:
+    """Add the class folder's images to `into` (default: `listing`) and describe the class set for the report."""
+    check_prior_config(config, listing)
+    into = listing if into is None else into
     data = config.data
     if not data.with_prior_preservation:
         return None
@@ -85,9 +87,10 @@ def class_listing(config: RunConfig, listing: Listing) -> dict | None:
         if folder.is_dir():
             scan_folder(
                 folder, data, "data.class_data_dir", recursive=False, fallback=data.class_prompt, is_class=True,
-                listing=listing,
+                listing=into,
             )  # fmt: skip
-    info["regularization_images"] = sum(1 for item in listing.items if item.is_class)
+    items = listing.items + (into.items if into is not listing else [])
+    info["regularization_images"] = sum(1 for item in items if item.is_class)
     return info
 
 

@@ -71,3 +71,23 @@ def test_class_half_shares_the_instance_bucket_and_stays_cached(tmp_path, make_c
         assert shapes == {(8, 8), (10, 6)} and not calls, "class latents for the 48x80 bucket were cached up front"
     finally:
         handle.remove()
+
+
+def test_bad_instance_data_stops_before_any_class_image_is_generated(tmp_path, make_config, noise_image, tiny_parts):
+    import pytest
+
+    from tuner.errors import DataError
+
+    parts = tiny_parts("sd1")
+    noise_image(tmp_path / "a.png", seed=1)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    config = make_config(tmp_path, instance_prompt="sks", with_prior_preservation=True, bad_file_policy="error",
+                         class_data_dir=str(tmp_path / "class"), class_prompt="dog", num_class_images=2)  # fmt: skip
+    calls = []
+    handle = parts.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(DataError, match="broken.png"):
+            build_training_data(config, parts, frozenset({"latents"}), verbose=False)
+    finally:
+        handle.remove()
+    assert not calls and not (tmp_path / "class").exists()
