@@ -1,0 +1,225 @@
+"""DreamBooth: personalize a model from a handful of photos by fine-tuning the UNet (or a LoRA on it).
+
+Prior preservation comes from the shared data pipeline: each batch holds instance examples and class
+examples (`is_prior`), whose loss is weighted by `data.prior_loss_weight`. The class targets are either
+class images generated once by the base pipeline, or, image-free, the frozen base UNet's own prediction on
+the class prompt. The text encoder(s) can train throughout or only for the first N steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from tuner.conditioning import encode_tokens
+from tuner.config import MethodConfig
+from tuner.errors import ConfigError, TunerError
+from tuner.losses import LossOptions, diffusion_loss
+from tuner.models import Parts
+from tuner.trainer import Artifact, ArtifactFile, Trainables, Trainer
+
+log = logging.getLogger(__name__)
+
+# Identifiers that are ordinary words carry a prior of their own; DreamBooth wants a rare token.
+COMMON_WORDS = frozenset(
+    """a an the of in on at to and or with for by from photo picture image dog cat man woman person toy car house
+    red green blue yellow white black orange purple pink gray brown big small star circle square triangle heart
+    cross style painting drawing art cute beautiful old new one two three""".split()
+)
+CONTEXTS = ("{} on a blue background", "{} on a white background", "a painting of {}")
+
+
+class DreamBoothConfig(MethodConfig):
+    train_text_encoder: bool = False
+    """Also fine-tune the text encoder(s) (better likeness, more drift)."""
+    text_encoder_steps: int | None = Field(None, ge=1)
+    """Train the text encoder(s) only for the first N steps (none: throughout, when enabled)."""
+    lora: bool = False
+    """Train a LoRA instead of the full UNet (DreamBooth-LoRA); `[lora]`-style settings below apply."""
+    rank: int = Field(16, ge=1)
+    """LoRA rank (with `lora = true`)."""
+    alpha: float | None = None
+    """LoRA alpha (default: the rank)."""
+    save_format: Literal["pipeline", "unet"] = "pipeline"
+    """Full fine-tune output: a whole pipeline folder, or only `unet/` (smaller; load it into the base)."""
+    validation_contexts: list[str] = list(CONTEXTS)
+    """Prompts that put the subject in new contexts; `{}` is the instance phrase (e.g. "sks dog")."""
+
+
+def identifier_of(instance_prompt: str, class_prompt: str | None, token: str | None) -> str | None:
+    """The rare identifier: `data.token`, else the word of the instance prompt that the class prompt lacks."""
+    if token:
+        return token
+    class_words = set((class_prompt or "").lower().split())
+    extra = [w for w in instance_prompt.lower().split() if w not in class_words]
+    return extra[0] if class_prompt and len(extra) == 1 else None
+
+
+def check_identifier(parts: Parts, identifier: str) -> list[str]:
+    """Warnings for an identifier that is a common word or that the tokenizer splits into many pieces."""
+    warnings = []
+    if identifier.lower() in COMMON_WORDS:
+        warnings.append(f"identifier {identifier!r} is a common word; its existing meaning will leak in")
+    for tokenizer in parts.tokenizers:
+        pieces = tokenizer.tokenize(identifier)
+        if len(pieces) > 2:
+            warnings.append(
+                f"identifier {identifier!r} splits into {len(pieces)} tokens {pieces}; a rare single-token "
+                "identifier (such as 'sks') learns faster and interferes less"
+            )
+            break
+    return warnings
+
+
+class DreamBoothTrainer(Trainer):
+    name = "dreambooth"
+    Config = DreamBoothConfig
+    data_kinds = frozenset({"dreambooth", "captioned"})
+
+    def __init__(self, config):
+        super().__init__(config)
+        if not config.data.instance_prompt:
+            raise ConfigError("data.instance_prompt: DreamBooth needs one, e.g. \"a photo of sks dog\"")
+        if config.data.with_prior_preservation and not config.data.class_prompt:
+            raise ConfigError("data.class_prompt: prior preservation needs one, e.g. \"a photo of dog\"")
+        self.loss_options = LossOptions.from_config(config)
+        self.frozen_unet = None
+
+    @property
+    def _te_trains(self) -> bool:
+        return self.method_config.train_text_encoder
+
+    # --- contract -------------------------------------------------------------------------------------
+    def prepare(self, parts: Parts) -> Trainables:
+        cfg, data = self.method_config, self.config.data
+        identifier = identifier_of(data.instance_prompt, data.class_prompt, data.token)
+        for warning in check_identifier(parts, identifier) if identifier else []:
+            log.warning("warning: %s", warning)
+        if data.with_prior_preservation and data.prior_mode == "model":
+            # Image-free prior: the frozen base UNet's prediction on the class prompt is the class target.
+            self.frozen_unet = copy.deepcopy(parts.unet).requires_grad_(False).eval()
+        lr = self.config.optimizer.learning_rate
+        te_lr = self.config.optimizer.text_encoder_lr or lr
+        if cfg.lora:
+            groups = self._inject_lora(parts)
+        else:
+            parts.unet.requires_grad_(True)
+            parts.unet.to(torch.float32)
+            groups = [{"name": "unet", "params": [p for p in parts.unet.parameters() if p.requires_grad], "lr": lr}]
+        modules: dict[str, Any] = {"unet": parts.unet}
+        if self._te_trains and not cfg.lora:
+            for i, encoder in enumerate(parts.text_encoders):
+                encoder.requires_grad_(True)
+                encoder.to(torch.float32)
+                groups.append({"name": f"text_encoder_{i}", "params": list(encoder.parameters()), "lr": te_lr})
+        needs = {"latents", "input_ids" if self._te_trains else "text_embeds"}
+        return Trainables(modules=modules, param_groups=groups, needs=frozenset(needs))
+
+    def compute_loss(self, parts: Parts, batch: dict[str, Any]) -> torch.Tensor:
+        limit = self.method_config.text_encoder_steps
+        if self._te_trains and limit is not None and self.global_step >= limit and "input_ids" in batch:
+            # Text encoders are done: condition without their graph (their grads stay None, so no update).
+            with torch.no_grad():
+                embeds, pooled = encode_tokens(parts, batch["input_ids"])
+            batch = {**batch, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        prior_target = self._frozen_prediction if self.frozen_unet is not None else None
+        return diffusion_loss(parts, batch, self.loss_options, batch.get("generator"), prior_target=prior_target)
+
+    def _frozen_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        frozen = self.frozen_unet
+        if frozen.device != noisy.device:
+            frozen.to(noisy.device)
+        dtype = next(frozen.parameters()).dtype
+        cond = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in cond.items()}
+        return frozen(noisy.to(dtype), timesteps, **cond).sample
+
+    def save(self, parts: Parts, out_dir: Path) -> Artifact:
+        if self.method_config.lora:
+            return self._save_lora(parts, out_dir)
+        from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+        unet = parts.unwrapped(parts.unet)
+        base = self.config.model.pretrained_model_name_or_path
+        if self.method_config.save_format == "unet":
+            target = out_dir / "unet"
+            unet.save_pretrained(target, safe_serialization=True)
+            reloaded = UNet2DConditionModel.from_pretrained(target)
+            load = (
+                f'unet = UNet2DConditionModel.from_pretrained("{target}"); '
+                f'pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet)'
+            )
+            files = [ArtifactFile(str(target.relative_to(out_dir)), "diffusers-unet", load, ["diffusers"])]
+        else:
+            target = out_dir / "pipeline"
+            parts.pipeline().save_pretrained(target, safe_serialization=True)
+            reloaded = DiffusionPipeline.from_pretrained(target).unet
+            load = f'pipe = DiffusionPipeline.from_pretrained("{target}")'
+            files = [ArtifactFile(str(target.relative_to(out_dir)), "diffusers-pipeline", load, ["diffusers"])]
+        _check_same_unet(unet, reloaded)
+        return Artifact(
+            method=self.name,
+            family=parts.family.name,
+            base_model=base,
+            files=files,
+            trigger=identifier_of(self.config.data.instance_prompt, self.config.data.class_prompt, self.config.data.token),
+            instance_prompt=self.config.data.instance_prompt,
+        )
+
+    def validation_prompts(self) -> list[str]:
+        data = self.config.data
+        instance = data.instance_prompt
+        phrase = instance
+        for lead in ("a photo of ", "a picture of ", "an image of "):
+            phrase = phrase.removeprefix(lead)
+        prompts = [instance, *(c.format(phrase) for c in self.method_config.validation_contexts)]
+        return prompts + ([data.class_prompt] if data.class_prompt else [])
+
+    # --- DreamBooth-LoRA -------------------------------------------------------------------------------
+    def _lora_settings(self):
+        from trainers.lora import LoraConfig
+
+        cfg = self.method_config
+        return LoraConfig(rank=cfg.rank, alpha=cfg.alpha or cfg.rank, train_text_encoder=self._te_trains)
+
+    def _inject_lora(self, parts: Parts) -> list[dict[str, Any]]:
+        from trainers.lora import inject_lora
+
+        return inject_lora(parts, self._lora_settings(), self.config)
+
+    def set_adapter_scale(self, parts: Parts, scale: float) -> bool:
+        if not self.method_config.lora:
+            return False
+        from trainers.lora import set_lora_scale
+
+        set_lora_scale(parts, scale)
+        return True
+
+    def _save_lora(self, parts: Parts, out_dir: Path) -> Artifact:
+        from trainers.lora import save_lora
+
+        files = save_lora(parts, self._lora_settings(), self.config, out_dir)
+        data = self.config.data
+        return Artifact(
+            method=self.name,
+            family=parts.family.name,
+            base_model=self.config.model.pretrained_model_name_or_path,
+            files=files,
+            trigger=identifier_of(data.instance_prompt, data.class_prompt, data.token),
+            instance_prompt=data.instance_prompt,
+            extra={"lora": True},
+        )
+
+
+def _check_same_unet(trained: torch.nn.Module, reloaded: torch.nn.Module) -> None:
+    """The saved UNet must reproduce the trained one exactly (a broken save fails the run, not the user)."""
+    trained_state = trained.state_dict()
+    worst = 0.0
+    for key, value in reloaded.state_dict().items():
+        worst = max(worst, (value.float() - trained_state[key].float()).abs().max().item())
+    if worst > 0:
+        raise TunerError(f"saved UNet does not match the trained one (max difference {worst:.3g})")
