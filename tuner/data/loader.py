@@ -218,9 +218,9 @@ class TrainingData:
             by_bucket: dict[Size, list[tuple[str, Row]]] = defaultdict(list)
             for key, row in todo:
                 by_bucket[row.placement.bucket].append((key, row))
-            chunk = max(self.batch_size, 8)
             with tqdm(total=len(todo), desc="Caching latents", unit="img", disable=not todo) as bar:
-                for group in by_bucket.values():
+                for (width, height), group in by_bucket.items():
+                    chunk = self._encode_chunk(width * height)
                     for i in range(0, len(group), chunk):
                         part = group[i : i + chunk]
                         self.assembler.encode_rows([r for _, r in part], [k for k, _ in part])
@@ -237,6 +237,13 @@ class TrainingData:
                     bar.update(len(captions[i : i + 16]))
             made["text"] = len(captions)
         return made
+
+    def _encode_chunk(self, pixels: int) -> int:
+        """Images per VAE call while filling: a pixel budget, since large CPU batches fall out of the caches
+        (measured: 8 images of 128² cost 25% more per image than 4) while GPUs like them big."""
+        on_gpu = getattr(self.parts, "device", torch.device("cpu")).type != "cpu"
+        budget = 16 * 512 * 512 if on_gpu else 4 * 128 * 128
+        return max(1, min(16, budget // pixels))
 
     def _static_rows(self) -> Iterator[Row]:
         flips = (False, True) if self.data.random_flip > 0 else (False,)
