@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from tuner.config import MethodConfig
 from tuner.errors import TunerError
 from tuner.export.vae import check_round_trip, save_single_file
-from tuner.metrics import load_lpips, mean_finite, psnr, ssim
+from tuner.metrics import compare_reconstructions, format_comparison, load_lpips, to_json
 from tuner.trainer import Artifact, ArtifactFile, Trainables, Trainer
 
 if TYPE_CHECKING:
@@ -117,6 +116,11 @@ class DecoderTrainer(Trainer):
                 self._lpips = load_lpips(cfg.lpips_net, parts.device)
             except TunerError as exc:
                 raise TunerError(f"decoder.lpips_weight = {cfg.lpips_weight:g}: {exc}; or set it to 0") from None
+        # Everything from post_quant_conv on computes in fp32, trained or not (the loop keeps trained weights
+        # fp32; a half-precision post_quant_conv in front of them would feed the decoder the wrong dtype).
+        for module in (vae.post_quant_conv, vae.decoder):
+            if module is not None:
+                module.to(torch.float32)
         groups = []
         for name in self.trained_names:
             module = getattr(vae, name, None)
@@ -136,8 +140,17 @@ class DecoderTrainer(Trainer):
         cfg = self.method_config
         vae = parts.unwrapped(parts.vae)
         target = batch["pixel_values"].to(parts.device, torch.float32)
-        latents, kl = self._latents(parts, batch)
-        recon = vae.decode(latents.to(vae.decoder.conv_in.weight.dtype)).sample.float()
+        kl = None
+        if parts.vae is not vae:
+            # Wrapped for multi-process training (DDP, FSDP, DeepSpeed): only the wrapper's forward syncs
+            # gradients, and AutoencoderKL's forward encodes (frozen, no graph) then decodes: cached latents
+            # are not used then.
+            pixels = target.to(vae.encoder.conv_in.weight.dtype)
+            sample = cfg.latent_sampling == "sample"
+            recon = parts.vae(pixels, sample_posterior=sample, generator=batch.get("generator")).sample.float()
+        else:
+            latents, kl = self._latents(parts, batch)
+            recon = decode(vae, latents).float()
         loss = recon.new_zeros(())
         if cfg.l1_weight:
             loss = loss + cfg.l1_weight * F.l1_loss(recon, target)
@@ -200,9 +213,8 @@ class DecoderTrainer(Trainer):
         vae = parts.unwrapped(parts.vae)
 
         def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
-            dist = model.encode(x.to(model.encoder.conv_in.weight.dtype)).latent_dist
-            latents = dist.mean.to(model.decoder.conv_in.weight.dtype)
-            return ((model.decode(latents).sample.float().clamp(-1, 1) + 1) / 2).cpu()
+            latents = model.encode(x.to(model.encoder.conv_in.weight.dtype)).latent_dist.mean
+            return ((decode(model, latents).float().clamp(-1, 1) + 1) / 2).cpu()
 
         out = []
         modes = [(m, m.training) for m in vae.modules()]
@@ -229,31 +241,12 @@ class DecoderTrainer(Trainer):
                 "skipped": "no held-out images: set data.holdout_fraction (e.g. 0.1) to compare base and tuned "
                 "decoders on images they did not train on",
             }
-        cfg = self.method_config
-        chosen = examples[: cfg.eval_max_images]
-        lpips_fn = self._metric_lpips(parts)
-        rows = []
-        for example, (original, base, tuned) in zip(chosen, self.reconstructions(parts, chosen)):
-            row: dict[str, Any] = {"name": example.name}
-            for label, recon in (("base", base), ("tuned", tuned)):
-                scores = {"psnr": psnr(recon, original).item(), "ssim": ssim(recon, original).item()}
-                if lpips_fn is not None:
-                    with torch.no_grad():
-                        scores["lpips"] = lpips_fn(recon.to(parts.device), original.to(parts.device)).item()
-                row[label] = scores
-            rows.append(row)
-        summary: dict[str, Any] = {"holdout_images": len(examples), "evaluated": len(rows), "latents": "mean"}
-        for label in ("base", "tuned"):
-            summary[label] = {k: mean_finite([r[label][k] for r in rows]) for k in rows[0][label]}
-        summary["gain"] = {
-            k: (summary["base"][k] - summary["tuned"][k])
-            if k == "lpips"
-            else (summary["tuned"][k] - summary["base"][k])
-            for k in summary["base"]
-        }
+        chosen = examples[: self.method_config.eval_max_images]
+        rows = [(e.name, *recons) for e, recons in zip(chosen, self.reconstructions(parts, chosen))]
+        summary = {"holdout_images": len(examples), "latents": "mean"}
+        summary |= compare_reconstructions(rows, self._metric_lpips(parts))
         if self._lpips_note:
             summary["lpips"] = self._lpips_note
-        summary["per_image"] = rows
         return summary
 
     def _metric_lpips(self, parts: Parts):
@@ -317,7 +310,7 @@ class DecoderTrainer(Trainer):
     def save(self, parts: Parts, out_dir: Path) -> Artifact:
         """`vae/` (diffusers), the LDM single file and `metrics.json`; both weight files are reloaded and checked."""
         cfg, out_dir = self.method_config, Path(out_dir)
-        vae = parts.unwrapped(parts.vae).eval()
+        parts.unwrapped(parts.vae).eval()
         exported = self._export_vae(parts)
         folder, single = out_dir / "vae", out_dir / cfg.single_file_name
         exported.save_pretrained(folder, safe_serialization=True)
@@ -327,11 +320,12 @@ class DecoderTrainer(Trainer):
             "tuner_config": json.dumps(self.config.to_dict(), ensure_ascii=False),
         }
         save_single_file(exported, single, metadata)
-        max_diff = check_round_trip(vae, folder, single, parts.device)
+        # Reference: the exported model (trained weights + the frozen parts exactly as stored), fp32 on the CPU.
+        max_diff = check_round_trip(exported, folder, single, "cpu")
 
         metrics = self.evaluate(parts)
-        (out_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2) + "\n", encoding="utf-8")
-        print(format_metrics(metrics), flush=True)
+        (out_dir / "metrics.json").write_text(json.dumps(to_json(metrics), indent=2) + "\n", encoding="utf-8")
+        print(format_comparison(metrics, "decoder evaluation"), flush=True)
 
         pipeline = f'DiffusionPipeline.from_pretrained("{parts.source}", vae=vae)'
         files = [
@@ -350,7 +344,7 @@ class DecoderTrainer(Trainer):
             ArtifactFile("metrics.json", "metrics-json", f'json.loads(open("{out_dir / "metrics.json"}").read())'),
         ]
         extra = {"trained": self.trained_names, "round_trip_max_difference": max_diff}
-        extra["metrics"] = {k: v for k, v in _jsonable(metrics).items() if k != "per_image"}
+        extra["metrics"] = {k: v for k, v in to_json(metrics).items() if k != "per_image"}
         return Artifact(
             self.name, parts.family.name, self.config.model.pretrained_model_name_or_path, files, extra=extra
         )
@@ -377,30 +371,10 @@ class DecoderTrainer(Trainer):
         return out
 
 
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """A few printed lines: base -> tuned per metric, with the gain."""
-    if "skipped" in metrics:
-        return f"decoder evaluation skipped: {metrics['skipped']}"
-    lines = [f"decoder evaluation on {metrics['evaluated']} held-out image(s) (base -> tuned):"]
-    for key, unit in (("psnr", " dB"), ("ssim", ""), ("lpips", "")):
-        if key in metrics["base"]:
-            base, tuned, gain = metrics["base"][key], metrics["tuned"][key], metrics["gain"][key]
-            better = "lower is better" if key == "lpips" else "higher is better"
-            lines.append(f"  {key.upper():5} {base:8.4f} -> {tuned:8.4f}{unit}  (gain {gain:+.4f}; {better})")
-    if "lpips" in metrics and isinstance(metrics["lpips"], str):
-        lines.append(f"  LPIPS {metrics['lpips']}")
-    return "\n".join(lines)
-
-
-def _jsonable(value: Any) -> Any:
-    """Non-finite floats (a perfect PSNR is +inf) become strings, so metrics.json is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """`vae.decode` with the latents in the dtype of the first module that reads them."""
+    first = vae.post_quant_conv if vae.post_quant_conv is not None else vae.decoder.conv_in
+    return vae.decode(latents.to(next(first.parameters()).dtype)).sample
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:

@@ -1,6 +1,7 @@
-"""Image-reconstruction metrics: PSNR, gaussian-window SSIM and (optionally) LPIPS, per image, in torch.
+"""Image-reconstruction metrics: PSNR, gaussian-window SSIM and (optionally) LPIPS in torch, and the
+base-vs-tuned comparison built from them (per image, averaged, gain; printable and strict-JSON).
 
-Images are float tensors [B, C, H, W] with values in [0, `data_range`]. Every function returns one value
+Images are float tensors [B, C, H, W] with values in [0, `data_range`]. Every metric returns one value
 per image so callers can average, report per-image rows, or compare two decoders image by image. LPIPS
 needs the `lpips` package and its weights already on disk: nothing is downloaded at run time.
 """
@@ -8,8 +9,9 @@ needs the `lpips` package and its weights already on disk: nothing is downloaded
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +105,7 @@ def load_lpips(
 
     def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         _check_pair(a, b)
-        return model(a * 2 - 1, b * 2 - 1).flatten()
+        return model(a.to(device) * 2 - 1, b.to(device) * 2 - 1).flatten()
 
     return distance
 
@@ -113,3 +115,63 @@ def mean_finite(values: list[float]) -> float:
     if not values:
         return math.nan
     return math.inf if any(math.isinf(v) for v in values) else sum(values) / len(values)
+
+
+LOWER_IS_BETTER = frozenset({"lpips"})
+
+
+def scores(recon: torch.Tensor, original: torch.Tensor, lpips_fn: Callable | None = None) -> dict[str, float]:
+    """PSNR, SSIM (and LPIPS) of one reconstruction [1, C, H, W] in [0, 1]."""
+    out = {"psnr": psnr(recon, original).item(), "ssim": ssim(recon, original).item()}
+    if lpips_fn is not None:
+        with torch.no_grad():
+            out["lpips"] = lpips_fn(recon, original).item()
+    return out
+
+
+def compare_reconstructions(
+    rows: Sequence[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]], lpips_fn: Callable | None = None
+) -> dict[str, Any]:
+    """(name, original, base, tuned) rows -> averages per model, the gain of tuned over base, per-image scores.
+
+    Gains are signed so that positive is better for every metric (LPIPS: base minus tuned).
+    """
+    if not rows:
+        raise ValueError("compare_reconstructions: no images")
+    per_image = [
+        {"name": name, "base": scores(base, original, lpips_fn), "tuned": scores(tuned, original, lpips_fn)}
+        for name, original, base, tuned in rows
+    ]
+    summary: dict[str, Any] = {"evaluated": len(per_image)}
+    for label in ("base", "tuned"):
+        summary[label] = {k: mean_finite([r[label][k] for r in per_image]) for k in per_image[0][label]}
+    sign = {k: -1.0 if k in LOWER_IS_BETTER else 1.0 for k in summary["base"]}
+    summary["gain"] = {k: sign[k] * (summary["tuned"][k] - summary["base"][k]) for k in summary["base"]}
+    summary["per_image"] = per_image
+    return summary
+
+
+def format_comparison(summary: dict[str, Any], label: str = "evaluation") -> str:
+    """A few printed lines: base -> tuned per metric, with the gain (or why the evaluation was skipped)."""
+    if "skipped" in summary:
+        return f"{label} skipped: {summary['skipped']}"
+    lines = [f"{label} on {summary['evaluated']} held-out image(s) (base -> tuned):"]
+    for key, unit in (("psnr", " dB"), ("ssim", ""), ("lpips", "")):
+        if key in summary["base"]:
+            base, tuned, gain = summary["base"][key], summary["tuned"][key], summary["gain"][key]
+            better = "lower is better" if key in LOWER_IS_BETTER else "higher is better"
+            lines.append(f"  {key.upper():5} {base:8.4f} -> {tuned:8.4f}{unit}  (gain {gain:+.4f}; {better})")
+    if isinstance(summary.get("lpips"), str):
+        lines.append(f"  LPIPS {summary['lpips']}")
+    return "\n".join(lines)
+
+
+def to_json(value: Any) -> Any:
+    """Non-finite floats (a perfect PSNR is +inf) become strings, so the result is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value

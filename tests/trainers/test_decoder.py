@@ -141,11 +141,6 @@ def test_prepare_trains_decoder_only(tiny_models, tmp_path):
     frozen = [*vae.encoder.parameters(), *vae.quant_conv.parameters(), *parts.unet.parameters()]
     assert not any(p.requires_grad for p in frozen + list(parts.text_encoder.parameters()))
 
-    whole = get_trainer("decoder")(
-        make_config(tiny_models["sd1"], tmp_path, tmp_path / "r", decoder={"train_whole_vae": True})
-    )
-    assert whole.prepare(load_parts(str(tiny_models["sd1"]))).needs == {"pixels"}  # cached latents would go stale
-
 
 def test_cached_and_encoded_latents_give_the_same_loss(tiny_models, tmp_path):
     from tuner.conditioning import encode_pixels
@@ -163,6 +158,33 @@ def test_cached_and_encoded_latents_give_the_same_loss(tiny_models, tmp_path):
     assert torch.equal(cached, encoded)
     cached.backward()
     assert parts.vae.decoder.conv_out.weight.grad is not None and parts.vae.encoder.conv_in.weight.grad is None
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like to a trainer: `.module` and a forward
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    vae = parts.vae
+    parts.vae = Wrapper(vae)
+    assert torch.equal(trainer.compute_loss(parts, {"pixel_values": pixels}), encoded)  # through the forward
+    parts.vae = vae
+
+
+def test_whole_vae_trains_the_encoder_too(tiny_models, tmp_path):
+    from tuner.models import load_parts
+    from tuner.registry import get_trainer
+
+    config = make_config(tiny_models["sd1"], tmp_path, tmp_path / "run", decoder={"train_whole_vae": True})
+    parts = load_parts(str(tiny_models["sd1"]))
+    trainer = get_trainer("decoder")(config)
+    trainables = trainer.prepare(parts)
+    assert trainables.needs == {"pixels"}  # cached latents would go stale
+    assert [g["name"] for g in trainables.param_groups][2:] == ["vae.encoder", "vae.quant_conv"]
+    trainer.compute_loss(parts, {"pixel_values": torch.rand(2, 3, SIZE, SIZE) * 2 - 1}).backward()
+    assert parts.vae.encoder.conv_in.weight.grad is not None and parts.vae.quant_conv.weight.grad is not None
 
 
 def test_lpips_weight_without_lpips_fails_before_training(tiny_models, tmp_path, monkeypatch):

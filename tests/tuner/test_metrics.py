@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from tuner.errors import TunerError
-from tuner.metrics import gaussian_window, load_lpips, mean_finite, psnr, ssim
+from tuner.metrics import (
+    compare_reconstructions,
+    format_comparison,
+    gaussian_window,
+    load_lpips,
+    mean_finite,
+    psnr,
+    ssim,
+    to_json,
+)
 
 
 def noisy_pair(sigma: float, size: int = 128, level: float = 0.5, seed: int = 0):
@@ -121,3 +130,30 @@ def test_lpips_without_weights_never_downloads(monkeypatch, tmp_path):
     assert "alex.pth" in str(info.value) and "nothing is downloaded" in str(info.value)
     with pytest.raises(TunerError, match="allowed: alex, vgg, squeeze"):
         load_lpips("resnet")
+
+
+def test_compare_reconstructions_signs_every_gain_so_positive_is_better():
+    original, noisy = noisy_pair(0.1, size=32)
+    _, slightly = noisy_pair(0.02, size=32, seed=1)
+
+    def fake_lpips(a, b):  # a distance: lower is better
+        return (a - b).abs().mean().reshape(1)
+
+    summary = compare_reconstructions([("x.png", original, noisy, slightly)], fake_lpips)
+    assert summary["evaluated"] == 1 and summary["per_image"][0]["name"] == "x.png"
+    assert summary["tuned"]["psnr"] > summary["base"]["psnr"] and summary["tuned"]["lpips"] < summary["base"]["lpips"]
+    assert all(gain > 0 for gain in summary["gain"].values())
+    text = format_comparison(summary, "decoder evaluation")
+    assert "decoder evaluation on 1 held-out image(s)" in text and "LPIPS" in text and "lower is better" in text
+    assert format_comparison({"skipped": "no images"}, "decoder evaluation") == "decoder evaluation skipped: no images"
+
+
+def test_to_json_makes_strict_json():
+    import json
+
+    value = to_json({"psnr": math.inf, "rows": [{"ssim": 1.0, "x": -math.inf}], "n": 2})
+    assert json.loads(json.dumps(value, allow_nan=False)) == {
+        "psnr": "inf",
+        "rows": [{"ssim": 1.0, "x": "-inf"}],
+        "n": 2,
+    }
