@@ -189,8 +189,11 @@ def main() -> None:
             "",
             "Warm epochs and warm runs read latents (mean and std, plain and flipped) and text embeddings (every",
             "caption plus the empty one) from safetensors files and call neither the VAE nor the text encoder (the",
-            "forward-call column). The model is the tiny SD1 pipeline with an SD-topology VAE at a quarter of SD's",
-            "width, so the encoder share is smaller than at SD scale, where the ratio grows.",
+            "forward-call column). The cold epoch encodes every image twice (plain and flipped, so that warm epochs",
+            "never need the VAE whichever way the flip falls), so it costs about twice an uncached epoch; caching",
+            "pays for itself from the second epoch on. The model is the tiny SD1 pipeline with an SD-topology VAE at",
+            "a quarter of SD's width; at SD scale the encoders dominate even more and the ratio grows. Timings on a",
+            "shared CPU vary with its load (shown above).",
             "",
         ]
     )
