@@ -121,6 +121,7 @@ def _inject(model: nn.Module, config: Any, name: str) -> list[nn.Parameter]:
     from peft import inject_adapter_in_model
 
     model.requires_grad_(False)
+    _prune_patterns(model, config)
     if name in (getattr(model, "peft_config", None) or {}):
         raise TunerError(f"{type(model).__name__} already carries an adapter named {name!r}")
     if hasattr(model, "add_adapter") and hasattr(model, "set_adapters"):  # diffusers models: keeps its bookkeeping
@@ -138,6 +139,17 @@ def _inject(model: nn.Module, config: Any, name: str) -> list[nn.Parameter]:
     if not params:
         raise TunerError(f"{type(model).__name__}: target modules {sorted(config.target_modules)} matched nothing")
     return params
+
+
+def _prune_patterns(model: nn.Module, config: Any) -> None:
+    """Keep only the rank/alpha patterns that name a module of this model (one table serves all components)."""
+    import re
+
+    names = [name for name, _ in model.named_modules()]
+    for attr in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, attr)
+        kept = {k: v for k, v in pattern.items() if any(re.match(rf"(.*\.)?({k})$", n) for n in names)}
+        setattr(config, attr, kept)
 
 
 def inject_lora(parts: Parts, cfg: LoraConfig, run_config: Any) -> list[dict[str, Any]]:
@@ -166,7 +178,11 @@ def set_lora_scale(parts: Parts, scale: float, adapter_name: str = ADAPTER_NAME)
     for model in adapted_models(parts).values():
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and adapter_name in _layer_adapters(module):
+                # peft's enable/disable also flips requires_grad; what trains is not this function's business.
+                flags = [(p, p.requires_grad) for p in module.parameters()]
                 module.enable_adapters(scale != 0.0)
+                for param, flag in flags:
+                    param.requires_grad_(flag)
                 if scale != 0.0:
                     module.set_scale(adapter_name, scale)
 

@@ -50,6 +50,14 @@ def has_conv(state: LoraState) -> bool:
     return False
 
 
+def uniform_alpha(state: LoraState) -> bool:
+    """Whether one alpha serves every module: diffusers' kohya loader (0.42) misapplies per-module alphas on
+    attention layers, so a kohya file with an alpha_pattern is exact only in A1111/ComfyUI (and the
+    diffusers-format file, which stores the pattern its own way)."""
+    alphas = {comp.alpha_of(path) for comp in state.components.values() for path in comp.modules()}
+    return len(alphas) <= 1
+
+
 def file_metadata(
     parts: Any,
     state: LoraState,
@@ -99,8 +107,9 @@ def export_lora(
     kohya_path = write_kohya(state, out_dir / f"{stem}.safetensors", parts.family.text_encoders, kohya_header)
     if kohya_path == peft_path:
         raise TunerError(f"lora.output_name = {output_name!r} collides with {peft_path.name}; pick another name")
+    kohya_in_diffusers = variant == "lora" and uniform_alpha(state)
     checks = [Check(peft_path, "diffusers" if diffusers_loadable(variant) else "peft")]
-    if variant == "lora":
+    if kohya_in_diffusers:
         checks.append(Check(kohya_path, "diffusers"))
     checks.append(Check(kohya_path, "merge", rtol=MERGE_RTOL))
     report = verify_export(parts, state, checks) if verify else {}
@@ -108,11 +117,12 @@ def export_lora(
     peft_load = f'pipe.load_lora_weights("{where}", weight_name="{peft_path.name}")'
     if not diffusers_loadable(variant):
         peft_load = f'from tuner.export import load_peft_adapter; load_peft_adapter(pipe, "{peft_path}")'
-    kohya_load = f'pipe.load_lora_weights("{where}", weight_name="{kohya_path.name}")' if variant == "lora" else ""
+    kohya_load = f'pipe.load_lora_weights("{where}", weight_name="{kohya_path.name}")' if kohya_in_diffusers else ""
+    kohya_tools = [t for t in KOHYA_TOOLS[variant] if t != "diffusers" or kohya_in_diffusers]
     peft_format = f"{'diffusers' if diffusers_loadable(variant) else 'peft'}-{variant}"
     kohya_format = f"kohya-{variant}" if variant in ("lora", "dora") else f"lycoris-{variant}"
     files = [
         ArtifactFile(peft_path.name, peft_format, peft_load, PEFT_TOOLS[variant]),
-        ArtifactFile(kohya_path.name, kohya_format, kohya_load, KOHYA_TOOLS[variant]),
+        ArtifactFile(kohya_path.name, kohya_format, kohya_load, kohya_tools),
     ]
     return files, {"roundtrip": report, **state.summary()}

@@ -161,6 +161,17 @@ def pipeline_outputs(pipe: Any, probe: Probe) -> dict[str, torch.Tensor]:
     return outputs(pipe.unet, encoders, probe)
 
 
+def outputs_of(make: Callable[[], Any], probe: Probe) -> dict[str, torch.Tensor]:
+    """Build a pipeline, take its outputs and free it before returning: one full-size copy in memory at a time."""
+    pipe = make()
+    out = pipeline_outputs(pipe, probe)
+    big = sum(p.numel() for p in pipe.unet.parameters()) > 50_000_000
+    del pipe
+    if big:  # collecting costs ~1 s; worth it only when gigabytes are at stake
+        gc.collect()
+    return out
+
+
 def _is_cpu_fp32(modules: list[nn.Module]) -> bool:
     return all(p.device.type == "cpu" and p.dtype == torch.float32 for m in modules for p in m.parameters())
 
@@ -173,14 +184,13 @@ def trained_outputs(parts: Any, state: LoraState, probe: Probe) -> dict[str, tor
         return outputs(unet, encoders, probe)
     from tuner.export.lora_diffusers import inject_state
 
-    pipe = fresh_pipeline(parts.source, parts.revision)
-    for name, comp in state.components.items():
-        inject_state(getattr(pipe, name), comp, "reference")
-    try:
-        return pipeline_outputs(pipe, probe)
-    finally:
-        del pipe
-        gc.collect()
+    def rebuilt() -> Any:
+        pipe = fresh_pipeline(parts.source, parts.revision)
+        for name, comp in state.components.items():
+            inject_state(getattr(pipe, name), comp, "reference")
+        return pipe
+
+    return outputs_of(rebuilt, probe)
 
 
 def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -208,20 +218,14 @@ def verify(
     revision: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Compare each check's outputs with `want(probe)`; raise `TunerError` naming every mismatch."""
-    pipe = fresh_pipeline(source, revision)
-    probe = Probe.for_pipeline(pipe)
-    base = pipeline_outputs(pipe, probe)
-    del pipe
+    held = [fresh_pipeline(source, revision)]
+    probe = Probe.for_pipeline(held[0])
+    base = outputs_of(held.pop, probe)  # pop: no reference to the base pipeline survives
     reference = want(probe)
     report: dict[str, dict[str, float]] = {}
     failures: list[str] = []
     for check in checks:
-        pipe = checked_pipeline(check, source, revision)
-        try:
-            got = pipeline_outputs(pipe, probe)
-        finally:
-            del pipe
-            gc.collect()
+        got = outputs_of(lambda check=check: checked_pipeline(check, source, revision), probe)
         report[check.label], problems = compare(got, reference, base, check.rtol)
         failures += [f"{check.label}: {p}" for p in problems]
         logger.info("round trip %s: %s", check.label, report[check.label])
@@ -240,12 +244,5 @@ def verify_export(parts: Any, state: LoraState, checks: list[Check]) -> dict[str
 def verify_files(source: str | Path, reference: Check, checks: list[Check], revision: str | None = None):
     """Every check against `reference` (e.g. a converted file against its input), on base model `source`."""
 
-    def want(probe: Probe) -> dict[str, torch.Tensor]:
-        pipe = checked_pipeline(reference, source, revision)
-        try:
-            return pipeline_outputs(pipe, probe)
-        finally:
-            del pipe
-            gc.collect()
-
-    return verify(source, want, checks, revision)
+    return verify(source, lambda probe: outputs_of(lambda: checked_pipeline(reference, source, revision), probe),
+                  checks, revision)  # fmt: skip
