@@ -52,7 +52,8 @@ class DecoderConfig(MethodConfig):
     kl_weight: float = Field(1e-6, ge=0)
     """KL weight of the latent distribution; only with `train_whole_vae` (the frozen encoder's KL is fixed)."""
     eval_max_images: int = Field(64, ge=1)
-    """At most this many held-out images are evaluated for `metrics.json`."""
+    """At most this many held-out images (`data.holdout_fraction` > 0) are evaluated for `metrics.json`; with
+    none held out, `metrics.json` says so and the grid shows text-to-image samples only."""
     grid_images: int = Field(4, ge=1)
     """Held-out images shown in the validation grid (one row each)."""
     difference_gain: float = Field(4.0, gt=0)
