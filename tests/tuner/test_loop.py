@@ -35,6 +35,16 @@ if not hasattr(loop_trainer, "register"):
     _spec.loader.exec_module(loop_trainer)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread here and in subprocesses: tiny models run fastest so (OpenMP spin-waits cost far more
+    than they give on 2 busy cores), and in-process and subprocess runs use the same kernels, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _registered_and_fresh_accelerate():
     """Register the test trainer; let each in-process run start its own accelerate state (precision may differ)."""
@@ -91,7 +101,7 @@ def run_cli(config: dict, tmp: Path, *args: str, env: dict | None = None, launch
         k: {kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v for k, v in config.items()
     }  # fmt: skip  (TOML has no null: leave those keys to their defaults)
     path.write_bytes(tomli_w.dumps(config).encode())
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     command = [*(launcher or [sys.executable]), str(RUNNER), "train", "--config", str(path), *args]
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
 
@@ -117,8 +127,11 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 @pytest.mark.parametrize(
     "variant",
     [
-        {"optimizer": {"name": "adamw"}},
-        {"optimizer": {"name": "adamw"}, "train": {"gradient_accumulation_steps": 2}},
+        {"optimizer": {"name": "adamw"}, "train": {"gradient_checkpointing": True}},
+        {
+            "optimizer": {"name": "adamw"},
+            "train": {"gradient_accumulation_steps": 2, "use_ema": True, "ema_decay": 0.9},
+        },
         {"optimizer": {"name": "adamw8bit"}, "unet_bias": {"train": "attention"}},
     ],
     ids=["adamw", "accumulation2", "adamw8bit"],
@@ -160,6 +173,7 @@ def test_run_writes_outputs_checkpoints_grids_and_logs(tiny_models, images, tmp_
             "checkpointing_steps": 1,
             "checkpoints_total_limit": 2,
             "report_to": "tensorboard",
+            "use_ema": True,
         },
         validation={"enabled": True, "validation_steps": 3},
         optimizer={"lr_scheduler": "linear", "lr_warmup_steps": 2},
@@ -262,7 +276,7 @@ def test_two_process_cpu_run_matches_one_process(tiny_models, images, tmp_path):
     # starts two, and on a machine without CUDA the loop joins them over gloo on the CPU.
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--multi_gpu",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    result = run_cli(double, tmp_path, env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
+    result = run_cli(double, tmp_path, launcher=launcher)
     assert result.returncode == 0, result.stderr[-4000:]
     two = tmp_path / "two"
     assert len(losses(two)) == 4  # one set of outputs: only the main process logs
