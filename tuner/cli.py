@@ -53,6 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from tuner.data import check_data_main
+
+    return check_data_main(args.path, config_file=args.config, sets=args.set, as_json=args.json)
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from tuner.config import explain
     from tuner.presets import find_preset, list_presets
@@ -152,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(p)
     p.add_argument("--resume", help="`latest` or a checkpoint folder to continue from")
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("check-data", help="check a data set: what training will use, skip or refuse, and why")
+    p.add_argument("path", nargs="?", help="image folder, kohya .toml, saved `datasets` folder or hub id (data.path)")
+    p.add_argument("--config", help="run config TOML (any method, or only a [data] table)")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="override one field")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=cmd_check_data)
 
     p = sub.add_parser("presets", help="list presets or show one")
     p.add_argument("action", choices=["list", "show"])
