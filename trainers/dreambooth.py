@@ -1,5 +1,7 @@
 """DreamBooth: personalize a model from a handful of photos by fine-tuning the UNet (or a LoRA on it).
 
+Without an instance prompt it is plain full fine-tuning on captioned images (how the micro base model trains).
+
 Prior preservation comes from the shared data pipeline: each batch holds instance examples and class
 examples (`is_prior`), whose loss is weighted by `data.prior_loss_weight`. The class targets are either
 class images generated once by the base pipeline, or, image-free, the frozen base UNet's own prediction on
@@ -83,8 +85,6 @@ class DreamBoothTrainer(Trainer):
 
     def __init__(self, config):
         super().__init__(config)
-        if not config.data.instance_prompt:
-            raise ConfigError("data.instance_prompt: DreamBooth needs one, e.g. \"a photo of sks dog\"")
         if config.data.with_prior_preservation and not config.data.class_prompt:
             raise ConfigError("data.class_prompt: prior preservation needs one, e.g. \"a photo of dog\"")
         self.loss_options = LossOptions.from_config(config)
@@ -97,7 +97,7 @@ class DreamBoothTrainer(Trainer):
     # --- contract -------------------------------------------------------------------------------------
     def prepare(self, parts: Parts) -> Trainables:
         cfg, data = self.method_config, self.config.data
-        identifier = identifier_of(data.instance_prompt, data.class_prompt, data.token)
+        identifier = identifier_of(data.instance_prompt or "", data.class_prompt, data.token)
         for warning in check_identifier(parts, identifier) if identifier else []:
             log.warning("warning: %s", warning)
         if data.with_prior_preservation and data.prior_mode == "model":
@@ -166,12 +166,16 @@ class DreamBoothTrainer(Trainer):
             family=parts.family.name,
             base_model=base,
             files=files,
-            trigger=identifier_of(self.config.data.instance_prompt, self.config.data.class_prompt, self.config.data.token),
+            trigger=identifier_of(
+                self.config.data.instance_prompt or "", self.config.data.class_prompt, self.config.data.token
+            ),
             instance_prompt=self.config.data.instance_prompt,
         )
 
     def validation_prompts(self) -> list[str]:
         data = self.config.data
+        if not data.instance_prompt:  # captioned fine-tuning (no subject): the default prompts
+            return super().validation_prompts()
         instance = data.instance_prompt
         phrase = instance
         for lead in ("a photo of ", "a picture of ", "an image of "):
@@ -209,7 +213,7 @@ class DreamBoothTrainer(Trainer):
             family=parts.family.name,
             base_model=self.config.model.pretrained_model_name_or_path,
             files=files,
-            trigger=identifier_of(data.instance_prompt, data.class_prompt, data.token),
+            trigger=identifier_of(data.instance_prompt or "", data.class_prompt, data.token),
             instance_prompt=data.instance_prompt,
             extra={"lora": True},
         )
