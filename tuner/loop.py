@@ -20,31 +20,28 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from tuner import runtime
 from tuner.checkpoint import Position, TrainingState, capture_rng, list_checkpoints, resolve_resume, restore_rng
 from tuner.config import RunConfig, save_config
-from tuner.errors import ConfigError, TrainingStopped, TunerError
-from tuner.progress import ProgressBar, StopSignal
-from tuner.tracking import Tracker, check_backend
+from tuner.errors import TrainingStopped, TunerError
+from tuner.progress import ProgressBar, StopSignal, run_summary
+from tuner.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SKIPPED_STEPS = 25  # fp16: consecutive overflow-skipped steps before the guard calls it divergence
 
 
 def train(config: RunConfig, resume: str | None = None) -> Path:
     """Train `config.method` on `config.data`; returns the run folder (artifacts, checkpoints, grids, logs)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     from tuner.data import build_training_data
     from tuner.models import load_parts
@@ -53,15 +50,8 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
 
     tc = config.train
     run_dir = Path(tc.output_dir)
-    _check_environment(config)
-    accelerator = Accelerator(
-        # Launched as several processes on a machine without CUDA: DDP over gloo on the CPU, not N lone runs.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        step_scheduler_with_optimizer=False,  # stepped once per real optimizer step, whatever the process count
-    )
+    runtime.check_environment(config)
+    accelerator = runtime.make_accelerator(config)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     resume_from = resolve_resume(run_dir, resume, tc.resume_fallback) if resume else None
     if resume_from is None and list_checkpoints(run_dir):
@@ -69,44 +59,32 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
             f"train.output_dir = {str(run_dir)!r} already holds checkpoints of an earlier run; continue it with "
             "--resume latest, or pick another output_dir, so checkpoints of two runs never mix"
         )
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = tc.allow_tf32
-        torch.backends.cudnn.allow_tf32 = tc.allow_tf32
-
     set_seed(tc.seed)
-    weight_dtype = WEIGHT_DTYPES[tc.mixed_precision]
     m = config.model
+    weight_dtype = runtime.WEIGHT_DTYPES[tc.mixed_precision]
     parts = load_parts(m.pretrained_model_name_or_path, m.revision, m.variant, m.vae, accelerator.device, weight_dtype)
-    if weight_dtype != torch.float32 and getattr(parts.vae.config, "force_upcast", False):
-        parts.vae.to(torch.float32)  # this VAE overflows in half precision; its config says so
     trainer = get_trainer(config.method)(config)
     trainables = trainer.prepare(parts)
     params = trainables.parameters()
-    if weight_dtype != torch.float32:
-        # Trained weights and their optimizer state stay fp32 (autocast computes in half): half-precision
-        # weights would round away updates smaller than their epsilon, and fp16 grads cannot be unscaled.
-        for p in params:
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
-    _memory_levers(parts, trainables.modules, config)
+    runtime.apply_precision(parts, params, tc.mixed_precision)
+    runtime.memory_levers(parts, config)
     data = build_training_data(config, parts, trainables.needs, rank=rank, world_size=world)
     accelerator.wait_for_everyone()
 
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     optimizer = build_optimizer(config.optimizer, trainables.param_groups, accelerator.device, fsdp=sharded)
     scheduler = build_lr_scheduler(config.optimizer, optimizer, tc.max_train_steps)
-    names = list(trainables.modules)
-    prepared = accelerator.prepare(*trainables.modules.values(), optimizer, scheduler)
-    wrapped = dict(zip(names, prepared[: len(names)]))
-    optimizer, scheduler = prepared[len(names) :]
+    wrapped, optimizer, scheduler = runtime.prepare(
+        accelerator, trainables.modules, optimizer, scheduler, tc.train_batch_size
+    )
     for key, module in wrapped.items():
-        _place(parts, key, module)
+        runtime.place(parts, key, module)
         module.train()
     ema = _make_ema(params, tc) if tc.use_ema else None
     set_seed(tc.seed, device_specific=True)  # after init: each process draws its own dropout masks etc.
     generator = torch.Generator().manual_seed((tc.seed * 1_000_003 + rank) % 2**63)
     state = TrainingState(
-        trainable=_trainable_tensors({k: accelerator.unwrap_model(v) for k, v in wrapped.items()}, params),
+        trainable=runtime.trainable_tensors({k: accelerator.unwrap_model(v) for k, v in wrapped.items()}, params),
         optimizer=optimizer,
         scheduler=scheduler,
         generator=generator,
@@ -124,11 +102,10 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
         for warning in state.load(resume_from):
             logger.warning("resume: %s", warning)
         trainer.load(parts, resume_from)
-    elif main:
+    if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
-    if main:
-        print(_summary(config, parts, optimizer, data, world, resume_from), flush=True)
+        print(run_summary(config, parts, optimizer, data, world, resume_from), flush=True)
 
     tracker = Tracker(run_dir, tc.report_to, main, config.to_dict(), state.position.global_step)
     bar = ProgressBar(tc.max_train_steps, state.position.global_step, main)
@@ -141,13 +118,13 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
         accelerator.wait_for_everyone()
         if ema is not None:
             ema.copy_to(params)
-        for key, module in wrapped.items():
-            _place(parts, key, accelerator.unwrap_model(module, keep_fp32_wrapper=False))
-        if config.validation.enabled and not _validated_at(config, state.position.global_step):
-            _validate(accelerator, trainer, parts, wrapped, None, params, state, tracker, run_dir, unwrap=False)
-        if main:
-            artifact = trainer.save(parts, run_dir)
-            artifact.write(run_dir)
+        with runtime.full_parameters(accelerator, wrapped):
+            for key, module in wrapped.items():
+                runtime.place(parts, key, accelerator.unwrap_model(module, keep_fp32_wrapper=False))
+            if config.validation.enabled and not _validated_at(config, state.position.global_step):
+                _validate(accelerator, trainer, parts, {}, None, params, state, tracker, run_dir)
+            if main:
+                trainer.save(parts, run_dir).write(run_dir)
         accelerator.wait_for_everyone()
     finally:
         bar.close()
@@ -166,7 +143,7 @@ def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state
         trainer.global_step = pos.global_step
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(tc.gradient_accumulation_steps):
-            batch = _to_device(next(stream), accelerator.device)
+            batch = runtime.to_device(next(stream), accelerator.device)
             batch["generator"] = state.generator
             with accelerator.accumulate(*wrapped.values()):
                 with accelerator.autocast():
@@ -211,7 +188,8 @@ def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state
                 f"Continue with --resume latest (or --resume {last_good})"
             )
         if _validated_at(config, pos.global_step) and config.validation.enabled:
-            _validate(accelerator, trainer, parts, wrapped, state.ema, params, state, tracker, run_dir, unwrap=True)
+            with runtime.full_parameters(accelerator, wrapped):
+                _validate(accelerator, trainer, parts, wrapped, state.ema, params, state, tracker, run_dir)
     return last_good
 
 
@@ -256,77 +234,10 @@ def _diverged(config: RunConfig, step: int, loss: float, grad_norm: float, last_
     )
 
 
-def _check_environment(config: RunConfig) -> None:
-    tc = config.train
-    check_backend(tc.report_to)
-    if tc.attention == "xformers":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.attention = 'xformers' needs a CUDA GPU; use 'sdpa' (the default) here")
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "train.attention = 'xformers': xformers is not installed (`pip install xformers`); "
-                "'sdpa' (the default) is as fast on recent torch"
-            ) from None
-    if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
-        logger.warning("train.mixed_precision = 'fp16' without CUDA runs with no grad scaler; prefer 'bf16'")
-
-
-def _memory_levers(parts, modules: dict[str, nn.Module], config: RunConfig) -> None:
-    """Gradient checkpointing in the UNet and text encoders; xformers attention when asked (SDPA otherwise)."""
-    tc = config.train
-    if tc.gradient_checkpointing:
-        unet = parts.unwrapped(parts.unet)
-        if hasattr(unet, "enable_gradient_checkpointing"):
-            unet.enable_gradient_checkpointing()
-        for encoder in parts.text_encoders:
-            if hasattr(encoder, "gradient_checkpointing_enable"):
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if tc.attention == "xformers":
-        for module in (parts.unet, parts.vae):
-            parts.unwrapped(module).enable_xformers_memory_efficient_attention()
-
-
-def _make_ema(params: list[nn.Parameter], tc):
+def _make_ema(params, tc):
     from diffusers.training_utils import EMAModel
 
     return EMAModel(params, decay=tc.ema_decay)
-
-
-def _trainable_tensors(modules: dict[str, nn.Module], params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
-    """name -> parameter for every trainable parameter: `<module key>.<parameter name>`, then any strays."""
-    named: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, module in modules.items():
-        for name, p in module.named_parameters():
-            if p.requires_grad and id(p) not in seen:
-                named[f"{key}.{name}"] = p
-                seen.add(id(p))
-    for index, p in enumerate(params):
-        if id(p) not in seen:
-            named[f"params.{index}"] = p
-    return named
-
-
-def _place(parts, key: str, module: nn.Module) -> None:
-    """Put a (wrapped or unwrapped) module back where the trainer's `modules` key says it lives on `parts`."""
-    if key in ("text_encoder", "text_encoder_2") or key.startswith("text_encoders."):
-        index = int(key.rsplit(".", 1)[1]) if "." in key else (1 if key.endswith("_2") else 0)
-        parts.text_encoders[index] = module
-    elif isinstance(getattr(parts, key, None), nn.Module):
-        setattr(parts, key, module)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device, non_blocking=True)
-        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            return [v.to(device, non_blocking=True) for v in value]
-        return value
-
-    return {key: move(value) for key, value in batch.items()}
 
 
 def _validated_at(config: RunConfig, step: int) -> bool:
@@ -347,14 +258,14 @@ def _ema_weights(ema, params):
         ema.restore(params)
 
 
-def _validate(accelerator, trainer, parts, wrapped, ema, params, state, tracker, run_dir: Path, unwrap: bool) -> None:
-    """Main process renders the trainer's grid with the unwrapped (EMA) weights; no RNG stream is disturbed."""
+def _validate(accelerator, trainer, parts, wrapped, ema, params, state, tracker, run_dir: Path) -> None:
+    """Main process renders the trainer's grid with unwrapped (EMA) weights; no RNG stream is disturbed.
+
+    `wrapped`: modules to swap for their unwrapped selves while rendering (empty when already unwrapped)."""
     if accelerator.is_main_process:
         rng = capture_rng(state.generator)
-        if unwrap:
-            for key, module in wrapped.items():
-                _place(parts, key, accelerator.unwrap_model(module))
-        for module in wrapped.values():
+        for key, module in wrapped.items():
+            runtime.place(parts, key, accelerator.unwrap_model(module))
             module.eval()
         try:
             with _ema_weights(ema, params), torch.no_grad(), accelerator.autocast():
@@ -362,8 +273,7 @@ def _validate(accelerator, trainer, parts, wrapped, ema, params, state, tracker,
         finally:
             for key, module in wrapped.items():
                 module.train()
-                if unwrap:
-                    _place(parts, key, module)
+                runtime.place(parts, key, module)
             restore_rng(rng, state.generator)
         if image is not None:
             path = run_dir / "grids" / f"step-{state.position.global_step:06d}.png"
@@ -371,26 +281,3 @@ def _validate(accelerator, trainer, parts, wrapped, ema, params, state, tracker,
             image.save(path)
             tracker.log_image("validation", image, state.position.global_step)
     accelerator.wait_for_everyone()
-
-
-def _summary(config: RunConfig, parts, optimizer, data, world: int, resume_from: Path | None) -> str:
-    """The resolved config in a few lines, printed before training starts."""
-    tc, oc = config.train, config.optimizer
-    global_batch = tc.train_batch_size * tc.gradient_accumulation_steps * world
-    groups = ", ".join(
-        f"{g['name']} {sum(p.numel() for p in g['params']):,} @ {g.get('initial_lr', g['lr']):g}"
-        for g in optimizer.param_groups
-    )
-    epochs = math.ceil(tc.max_train_steps * tc.gradient_accumulation_steps / max(data.batches_per_epoch, 1))
-    lines = [
-        f"tuner train · method {config.method} · model {parts.source} ({parts.family.name}, {parts.prediction_type})",
-        f"  data {config.data.path} · {data.batches_per_epoch} batches/epoch · ~{epochs} epoch(s)",
-        f"  {tc.max_train_steps} steps × batch {tc.train_batch_size} × accumulation {tc.gradient_accumulation_steps} "
-        f"× {world} process(es) = {global_batch} images/step",
-        f"  optimizer {oc.name} ({oc.lr_scheduler}, warmup {oc.lr_warmup_steps}) · trainable: {groups}",
-        f"  precision {tc.mixed_precision} · gradient checkpointing {'on' if tc.gradient_checkpointing else 'off'} "
-        f"· attention {tc.attention} · EMA {'on' if tc.use_ema else 'off'} · seed {tc.seed}",
-        f"  output {tc.output_dir} · checkpoint every {tc.checkpointing_steps} (keep {tc.checkpoints_total_limit})"
-        + (f" · resuming from {resume_from}" if resume_from else ""),
-    ]
-    return "\n".join(lines)

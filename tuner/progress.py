@@ -1,4 +1,4 @@
-"""What the person at the terminal sees and does: one progress bar, and Ctrl-C as "save and stop".
+"""What the person at the terminal sees and does: the run summary, one progress bar, Ctrl-C as "save and stop".
 
 The bar runs on the main process only: step, smoothed loss, learning rate, it/s and ETA. SIGINT and
 SIGTERM (a scheduler preempting the job) only set a flag; the loop checks it at the next step boundary,
@@ -7,10 +7,15 @@ agrees on it across processes, writes a checkpoint and stops. A second Ctrl-C qu
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tuner.config import RunConfig
 
 
 class ProgressBar:
@@ -66,3 +71,26 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def run_summary(config: RunConfig, parts, optimizer, data, world: int, resume_from: Path | None) -> str:
+    """The resolved config in a few lines, printed before training starts."""
+    tc, oc = config.train, config.optimizer
+    global_batch = tc.train_batch_size * tc.gradient_accumulation_steps * world
+    groups = ", ".join(
+        f"{g['name']} {sum(p.numel() for p in g['params']):,} @ {g.get('initial_lr', g['lr']):g}"
+        for g in optimizer.param_groups
+    )
+    epochs = math.ceil(tc.max_train_steps * tc.gradient_accumulation_steps / max(data.batches_per_epoch, 1))
+    lines = [
+        f"tuner train · method {config.method} · model {parts.source} ({parts.family.name}, {parts.prediction_type})",
+        f"  data {config.data.path} · {data.batches_per_epoch} batches/epoch · ~{epochs} epoch(s)",
+        f"  {tc.max_train_steps} steps × batch {tc.train_batch_size} × accumulation {tc.gradient_accumulation_steps} "
+        f"× {world} process(es) = {global_batch} images/step",
+        f"  optimizer {oc.name} ({oc.lr_scheduler}, warmup {oc.lr_warmup_steps}) · trainable: {groups}",
+        f"  precision {tc.mixed_precision} · gradient checkpointing {'on' if tc.gradient_checkpointing else 'off'} "
+        f"· attention {tc.attention} · EMA {'on' if tc.use_ema else 'off'} · seed {tc.seed}",
+        f"  output {tc.output_dir} · checkpoint every {tc.checkpointing_steps} (keep {tc.checkpoints_total_limit})"
+        + (f" · resuming from {resume_from}" if resume_from else ""),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""How a run meets the hardware: the Accelerator, precision, memory levers, and (un)wrapping trained modules.
+
+Everything here is method-agnostic: it reads `[train]` and the trainer's `Trainables`, never a method name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuner.config import RunConfig
+from tuner.errors import ConfigError
+from tuner.tracking import check_backend
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_environment(config: RunConfig) -> None:
+    """Refuse, before anything loads, what this machine cannot do."""
+    tc = config.train
+    check_backend(tc.report_to)
+    if tc.attention == "xformers":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.attention = 'xformers' needs a CUDA GPU; use 'sdpa' (the default) here")
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "train.attention = 'xformers': xformers is not installed (`pip install xformers`); "
+                "'sdpa' (the default) is as fast on recent torch"
+            ) from None
+    if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("train.mixed_precision = 'fp16' without CUDA runs with no grad scaler; prefer 'bf16'")
+
+
+def make_accelerator(config: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    tc = config.train
+    run_dir = os.fspath(tc.output_dir)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = tc.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tc.allow_tf32
+    return Accelerator(
+        # Launched as several processes on a machine without CUDA: DDP over gloo on the CPU, not N lone runs.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")),
+        step_scheduler_with_optimizer=False,  # stepped once per real optimizer step, whatever the process count
+    )
+
+
+def apply_precision(parts, params: list[nn.Parameter], mixed_precision: str) -> None:
+    """Frozen parts stay in the weight dtype; trained parameters (and so their optimizer state) become fp32.
+
+    Half-precision weights would round away updates smaller than their epsilon, and fp16 gradients cannot be
+    unscaled; autocast still computes in half. A VAE whose config asks for it (`force_upcast`) stays fp32.
+    """
+    if WEIGHT_DTYPES[mixed_precision] == torch.float32:
+        return
+    if getattr(parts.vae.config, "force_upcast", False):
+        parts.vae.to(torch.float32)
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def memory_levers(parts, config: RunConfig) -> None:
+    """Gradient checkpointing in the UNet and text encoders; xformers attention when asked (SDPA otherwise)."""
+    tc = config.train
+    if tc.gradient_checkpointing:
+        unet = parts.unwrapped(parts.unet)
+        if hasattr(unet, "enable_gradient_checkpointing"):
+            unet.enable_gradient_checkpointing()
+        for encoder in parts.text_encoders:
+            if hasattr(encoder, "gradient_checkpointing_enable"):
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.attention == "xformers":
+        for module in (parts.unet, parts.vae):
+            parts.unwrapped(module).enable_xformers_memory_efficient_attention()
+
+
+def prepare(accelerator, modules: dict[str, nn.Module], optimizer, scheduler, micro_batch: int):
+    """accelerate-prepare the trained modules with optimizer and schedule -> (wrapped by key, optimizer, schedule).
+
+    DeepSpeed takes one model per Accelerator: several trained modules go in as one `ModuleDict`, and the
+    parts keep calling their own modules (ZeRO-1/2 reduce gradients through parameter hooks, not forward).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            ds_config["train_micro_batch_size_per_gpu"] = micro_batch  # no dataloader to infer it from
+        if len(modules) > 1:
+            modules = {"trained": nn.ModuleDict({k.replace(".", "_"): m for k, m in modules.items()})}
+    names = list(modules)
+    prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
+    return dict(zip(names, prepared[: len(names)])), *prepared[len(names) :]
+
+
+def place(parts, key: str, module: nn.Module) -> None:
+    """Put a (wrapped or unwrapped) module back where its `Trainables.modules` key says it lives on `parts`."""
+    if key in ("text_encoder", "text_encoder_2") or key.startswith("text_encoders."):
+        index = int(key.rsplit(".", 1)[1]) if "." in key else (1 if key.endswith("_2") else 0)
+        parts.text_encoders[index] = module
+    elif isinstance(getattr(parts, key, None), nn.Module):
+        setattr(parts, key, module)
+
+
+@contextmanager
+def full_parameters(accelerator, wrapped: dict[str, nn.Module]) -> Iterator[None]:
+    """Under FSDP, gather each wrapped module's full parameters (collective: every process enters)."""
+    from accelerate.utils import DistributedType
+
+    with ExitStack() as stack:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            for module in wrapped.values():
+                if isinstance(module, FSDP):
+                    stack.enter_context(FSDP.summon_full_params(module, writeback=False))
+        yield
+
+
+def trainable_tensors(modules: dict[str, nn.Module], params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """name -> parameter for every trainable parameter: `<module key>.<parameter name>`, then any strays."""
+    named: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, module in modules.items():
+        for name, p in module.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                named[f"{key}.{name}"] = p
+                seen.add(id(p))
+    for index, p in enumerate(params):
+        if id(p) not in seen:
+            named[f"params.{index}"] = p
+    return named
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            return [v.to(device, non_blocking=True) for v in value]
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
