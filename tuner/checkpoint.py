@@ -352,8 +352,15 @@ class TrainingState:
 
     def check_storable(self) -> None:
         """Fail before training, not at the first checkpoint, when some state cannot be stored."""
-        encode_tree(self.optimizer.state_dict())
-        encode_tree(self.scheduler.state_dict())
+        try:
+            encode_tree(self.optimizer.state_dict())
+            encode_tree(self.scheduler.state_dict())
+        except TunerError as exc:
+            raise TunerError(
+                f"{exc}. This optimizer's state (a DeepSpeed ZeRO optimizer holds Python objects) cannot go into "
+                "tuner's pickle-free checkpoints: train with DDP or FSDP for resumable runs, or set "
+                "train.checkpointing_steps above train.max_train_steps to train without checkpoints"
+            ) from None
 
     def save(self, run_dir: Path, limit: int | None, is_main: bool, barrier: Callable[[], None]) -> Path:
         trainable, optimizer = self._names()
