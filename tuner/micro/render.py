@@ -16,7 +16,9 @@ from tuner.micro import world
 DEFAULT_TOKEN = "sks"
 
 
-def render_set(out_dir: str | Path, kind: str, count: int, seed: int, token: str = DEFAULT_TOKEN) -> list[Path]:
+def render_set(
+    out_dir: str | Path, kind: str, count: int, seed: int, token: str = DEFAULT_TOKEN, style: str | None = None
+) -> list[Path]:
     """Render `count` items of `kind` for `seed` into `out_dir`; returns the image paths in order.
 
     Concept captions get `token` in place of the identifier placeholder. Files of an earlier, larger run in the
@@ -30,7 +32,7 @@ def render_set(out_dir: str | Path, kind: str, count: int, seed: int, token: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, rows = [], []
-    for i, item in enumerate(world.scenes(kind, count, seed)):
+    for i, item in enumerate(world.scenes(kind, count, seed, style)):
         name = f"{i:05d}"
         image_path = out / f"{name}.png"
         item.render().save(image_path, format="PNG")
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=_positive, required=True, help="number of images")
     parser.add_argument("--seed", type=_non_negative, default=0, help="seed; same seed, same bytes (default: 0)")
     parser.add_argument("--token", default=DEFAULT_TOKEN, help="identifier word in concept captions (default: sks)")
+    parser.add_argument("--style", choices=world.STYLES, help="with --kind style: render only this style")
     return parser
 
 
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     try:
-        paths = render_set(args.out_dir, args.kind, args.count, args.seed, args.token)
+        paths = render_set(args.out_dir, args.kind, args.count, args.seed, args.token, args.style)
     except OSError as err:
         print(f"error: cannot write to {args.out_dir}: {err.strerror or err}", file=sys.stderr)
         return 1

@@ -366,13 +366,20 @@ _SAMPLERS = {"base": sample_scene, "concept": sample_concept_scene, "style": sam
              "domain": sample_pattern}  # fmt: skip
 
 
-def scenes(kind: str, n: int, seed: int) -> list[Scene | Pattern]:
-    """The first `n` items of a kind for a seed; item i depends only on (seed, kind, i)."""
+def scenes(kind: str, n: int, seed: int, style: str | None = None) -> list[Scene | Pattern]:
+    """The first `n` items of a kind for a seed; item i depends only on (seed, kind, i).
+
+    `style` pins one rendering style for `kind="style"` (a style LoRA learns one style at a time).
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if seed < 0 or n < 0:
         raise ValueError("seed and n must be non-negative")
+    if style is not None and (kind != "style" or style not in STYLES):
+        raise ValueError(f"style {style!r}: only for kind 'style', one of {', '.join(STYLES)}")
     sampler = _SAMPLERS[kind]
+    if style is not None:
+        return [sample_style_scene(np.random.default_rng([seed, KINDS.index(kind), i]), style=style) for i in range(n)]
     return [sampler(np.random.default_rng([seed, KINDS.index(kind), i])) for i in range(n)]
 
 
