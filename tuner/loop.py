@@ -75,10 +75,9 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
     optimizer = build_optimizer(config.optimizer, trainables.param_groups, accelerator.device, fsdp=sharded)
     scheduler = build_lr_scheduler(config.optimizer, optimizer, tc.max_train_steps)
     wrapped, optimizer, scheduler = runtime.prepare(
-        accelerator, trainables.modules, optimizer, scheduler, tc.train_batch_size
+        accelerator, parts, trainables.modules, optimizer, scheduler, tc.train_batch_size
     )
-    for key, module in wrapped.items():
-        runtime.place(parts, key, module)
+    for module in wrapped.values():
         module.train()
     ema = _make_ema(params, tc) if tc.use_ema else None
     set_seed(tc.seed, device_specific=True)  # after init: each process draws its own dropout masks etc.
@@ -116,6 +115,7 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
                 config, accelerator, trainer, parts, wrapped, params, data, state, tracker, bar, stop, last_good
             )
         accelerator.wait_for_everyone()
+        trainer.global_step = state.position.global_step  # steps done, for what `save` records
         if ema is not None:
             ema.copy_to(params)
         with runtime.full_parameters(accelerator, wrapped):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tuner.config import RunConfig
-from tuner.errors import ConfigError
+from tuner.errors import ConfigError, TunerError
 from tuner.tracking import check_backend
 
 logger = logging.getLogger(__name__)
@@ -90,15 +90,17 @@ def memory_levers(parts, config: RunConfig) -> None:
             parts.unwrapped(module).enable_xformers_memory_efficient_attention()
 
 
-def prepare(accelerator, modules: dict[str, nn.Module], optimizer, scheduler, micro_batch: int):
-    """accelerate-prepare the trained modules with optimizer and schedule -> (wrapped by key, optimizer, schedule).
+def prepare(accelerator, parts, modules: dict[str, nn.Module], optimizer, scheduler, micro_batch: int):
+    """accelerate-prepare the trained modules with optimizer and schedule -> (wrapped by key, optimizer, schedule),
+    and put each wrapped module on `parts` where its key says it lives, so the trainer calls the wrapper.
 
     DeepSpeed takes one model per Accelerator: several trained modules go in as one `ModuleDict`, and the
     parts keep calling their own modules (ZeRO-1/2 reduce gradients through parameter hooks, not forward).
     """
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
             ds_config["train_micro_batch_size_per_gpu"] = micro_batch  # no dataloader to infer it from
@@ -106,16 +108,36 @@ def prepare(accelerator, modules: dict[str, nn.Module], optimizer, scheduler, mi
             modules = {"trained": nn.ModuleDict({k.replace(".", "_"): m for k, m in modules.items()})}
     names = list(modules)
     prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
-    return dict(zip(names, prepared[: len(names)])), *prepared[len(names) :]
+    wrapped = dict(zip(names, prepared[: len(names)]))
+    for key, module in wrapped.items():
+        if not place(parts, key, module) and module is not modules[key] and not deepspeed:
+            raise TunerError(
+                f"trainables.modules[{key!r}]: not a Parts attribute (unet, vae, text_encoder, text_encoder_2), so "
+                f"the trainer would call it without its {type(module).__name__} wrapper and its gradients would "
+                "not be synchronized across processes; key each trained module by the Parts attribute it lives in"
+            )
+    return wrapped, *prepared[len(names) :]
 
 
-def place(parts, key: str, module: nn.Module) -> None:
-    """Put a (wrapped or unwrapped) module back where its `Trainables.modules` key says it lives on `parts`."""
-    if key in ("text_encoder", "text_encoder_2") or key.startswith("text_encoders."):
-        index = int(key.rsplit(".", 1)[1]) if "." in key else (1 if key.endswith("_2") else 0)
+def place(parts, key: str, module: nn.Module) -> bool:
+    """Put a (wrapped or unwrapped) module where its `Trainables.modules` key says it lives on `parts`.
+
+    Keys: a `Parts` attribute (`unet`, `vae`), `text_encoder`, `text_encoder_<n>` (1-based) or `text_encoders.<i>`.
+    Returns False when the key names no place on `parts`."""
+    index = None
+    if key == "text_encoder":
+        index = 0
+    elif key.startswith("text_encoder_") and key[13:].isdigit():
+        index = int(key[13:]) - 1
+    elif key.startswith("text_encoders.") and key[14:].isdigit():
+        index = int(key[14:])
+    if index is not None and index < len(parts.text_encoders):
         parts.text_encoders[index] = module
-    elif isinstance(getattr(parts, key, None), nn.Module):
+        return True
+    if index is None and isinstance(getattr(parts, key, None), nn.Module):
         setattr(parts, key, module)
+        return True
+    return False
 
 
 @contextmanager

@@ -286,3 +286,18 @@ def test_two_process_cpu_run_matches_one_process(tiny_models, images, tmp_path):
     assert np.allclose(losses(one), losses(two), rtol=1e-4, atol=1e-5), (losses(one), losses(two))
     a, b = trained(one), trained(two)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_trained_modules_go_back_where_their_keys_say():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from tuner.runtime import place
+
+    parts = SimpleNamespace(unet=nn.Linear(1, 1), vae=nn.Linear(1, 1), text_encoders=[nn.Linear(1, 1)] * 2)
+    wrapper = nn.Linear(2, 2)
+    assert place(parts, "text_encoder_2", wrapper) and parts.text_encoders[1] is wrapper
+    assert place(parts, "text_encoders.0", wrapper) and parts.text_encoders[0] is wrapper
+    assert place(parts, "unet", wrapper) and parts.unet is wrapper
+    assert not place(parts, "network", wrapper) and not place(parts, "text_encoder_3", wrapper)
