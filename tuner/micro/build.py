@@ -1,0 +1,156 @@
+"""Regenerate the micro base model end to end with the suite's own trainers and presets.
+
+render the training set -> `tuner.micro.init` (random SD1-architecture pipeline) -> `tuner train --preset
+micro-vae` (whole autoencoder) -> the trained VAE, with its measured latent scale, goes into the pipeline ->
+`tuner train --preset micro-base` (UNet + text encoder, captioned) -> the final diffusers folder. Each training
+stage runs as the plain `tuner train` command it prints, single-threaded (on 2 shared cores one thread per
+process is several times faster than two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DATA_SEED = 1
+STATS_IMAGES = 256
+
+
+def tuner_command(preset: str, model: Path, data: Path, out: Path, steps: int, extra: list[str]) -> list[str]:
+    sets = [f"train.max_train_steps={steps}", *extra]
+    return [sys.executable, "-m", "tuner.cli", "train", "--preset", preset, "--model", str(model), "--data", str(data),
+            "--output-dir", str(out), *(a for s in sets for a in ("--set", s))]  # fmt: skip
+
+
+def run_stage(name: str, command: list[str], log: Path) -> float:
+    """Run one `tuner train` command with its output in `log`; returns the wall seconds it took."""
+    shown = " ".join(["tuner", *command[3:]])
+    print(f"[{name}] {shown}\n[{name}] log: {log}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.time()
+    with log.open("w") as handle:
+        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False)
+    seconds = time.time() - start
+    if done.returncode:
+        raise SystemExit(f"[{name}] failed (exit {done.returncode}); see {log}")
+    print(f"[{name}] done in {seconds / 60:.1f} min", flush=True)
+    return seconds
+
+
+def latent_scale(vae_dir: Path, data_dir: Path) -> float:
+    """1 / std of the trained encoder's latent means over training images: SD's `scaling_factor` convention."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    paths = sorted(data_dir.glob("*.png"))[:STATS_IMAGES]
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1 for p in paths])
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).latent_dist.mean
+    return float(1.0 / latents.std())
+
+
+def install_vae(pipe_dir: Path, vae_dir: Path, scale: float) -> None:
+    """Replace the pipeline's VAE by the trained one, with the measured scaling factor in its config."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(scaling_factor=round(scale, 5))
+    shutil.rmtree(pipe_dir / "vae", ignore_errors=True)
+    vae.save_pretrained(pipe_dir / "vae", safe_serialization=True)
+
+
+def assemble(pipe_dir: Path, unet_run: Path, out_dir: Path) -> None:
+    """The final folder: trained UNet + text encoder from the stage-2 run, VAE, tokenizer and DDIM from `pipe_dir`."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None, requires_safety_checker=False)
+    trained = unet_run / "pipeline" if (unet_run / "pipeline" / "model_index.json").is_file() else unet_run
+    pipe.unet = UNet2DConditionModel.from_pretrained(trained / "unet")
+    pipe.text_encoder = CLIPTextModel.from_pretrained(trained / "text_encoder")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuner.micro.build", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="work folder; the final model lands in OUT_DIR/micro")
+    parser.add_argument("--images", type=int, default=8000, help="training images rendered (seed 1)")
+    parser.add_argument("--vae-steps", type=int, help="stage-1 steps (default: the micro-vae preset's)")
+    parser.add_argument("--unet-steps", type=int, help="stage-2 steps (default: the micro-base preset's)")
+    parser.add_argument("--vae-set", action="append", default=[], metavar="K=V", help="extra --set for stage 1")
+    parser.add_argument("--unet-set", action="append", default=[], metavar="K=V", help="extra --set for stage 2")
+    parser.add_argument("--install", action="store_true", help="also copy the result to tuner/micro/weights/micro")
+    args = parser.parse_args(argv)
+    from tuner.config import load_config
+    from tuner.micro.init import build_micro_pipeline
+    from tuner.micro.render import render_set
+
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    data, init, pipe = out / "data", out / "init", out / "pipe"
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    commands = [f"python -m tuner.micro.render {data} --count {args.images} --seed {DATA_SEED}",
+                f"python -m tuner.micro.init {init}"]  # fmt: skip
+    if not (data / "labels.jsonl").is_file():
+        render_set(data, "base", args.images, seed=DATA_SEED)
+    if not (init / "model_index.json").is_file():
+        build_micro_pipeline(seed=0).save_pretrained(init, safe_serialization=True)
+    stages = [
+        ("vae", "micro-vae", init, args.vae_steps, args.vae_set),
+        ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set]),
+    ]
+    for name, preset, model, steps, extra in stages:  # fmt: skip
+        defaults = load_config(preset=preset).train
+        steps = steps or defaults.max_train_steps
+        batch = next((int(s.split("=")[1]) for s in extra if s.startswith("train.train_batch_size=")),
+                     defaults.train_batch_size)  # fmt: skip
+        command = tuner_command(preset, model, data, out / name, steps, extra)
+        commands.append("OMP_NUM_THREADS=1 " + " ".join(["tuner", *command[3:]]))
+        if (out / name / "artifact.json").is_file() and name in timings:
+            print(f"[{name}] reusing the finished run in {out / name}", flush=True)
+        else:
+            seconds = run_stage(name, command, out / f"{name}.log")
+            timings[name] = {"name": name, "preset": preset, "steps": steps, "batch": batch, "seconds": seconds}
+            timings_path.write_text(json.dumps(timings, indent=1))
+        if name == "vae":
+            shutil.rmtree(pipe, ignore_errors=True)
+            shutil.copytree(init, pipe)
+            scale = latent_scale(out / "vae" / "vae", data)
+            install_vae(pipe, out / "vae" / "vae", scale)
+            print(f"[vae] latent scaling factor {scale:.4f}", flush=True)
+            commands.append(f"# copy {out / 'vae' / 'vae'} into {pipe / 'vae'} with scaling_factor = {scale:.5f}")
+    assemble(pipe, out / "unet", out / "micro")
+    commands.append(f"# assemble {out / 'micro'}: {pipe} with unet/ and text_encoder/ from {out / 'unet'}")
+    summary = {
+        "stages": [timings["vae"], timings["unet"]],
+        "commands": [
+            f"python -m tuner.micro.build {out}" + (" --install" if args.install else ""),
+            "# which runs:",
+            *commands,
+        ],
+    }
+    timings_path.write_text(json.dumps({**timings, **summary}, indent=1))
+    minutes = ", ".join(f"{t['name']} {t['seconds'] / 60:.1f} min" for t in summary["stages"])
+    print(f"wrote {out / 'micro'} ({minutes})")
+    if args.install:
+        target = Path(__file__).parent / "weights" / "micro"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(out / "micro", target)
+        print(f"installed it as builtin:micro ({target})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Build the random-init micro pipeline: SD1 architecture at micro widths with the micro world's vocabulary.
+
+This is the starting point of the micro base recipe (`tuner.micro.build`); the suite's own trainers then train
+its VAE (decoder preset, whole autoencoder) and its UNet + text encoder (DreamBooth preset, captioned data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from tuner.micro.world import WORDS
+from tuner.tokenizer import build_tokenizer
+
+EXTRA_WORDS = ["sks", "the", "an", "with", "picture", "image", "drawing", "painting"]
+"""Rare identifier and a few everyday words, so personalization prompts tokenize one word per token."""
+TEXT_WIDTH = 64
+SCALING_FACTOR = 1.0  # placeholder; the build measures the trained VAE's latent std and writes 1/std here
+
+
+def micro_vae(seed: int = 0) -> AutoencoderKL:
+    """Three blocks, two downsamples: 64px -> 16x16x4 latents (8x would leave an 8x8 grid too coarse for shapes).
+
+    Narrow at full resolution, where a CPU step spends its time.
+    """
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=SCALING_FACTOR,
+    )
+
+
+def micro_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SD1 block layout at 16x16 latents: attention at 16 and 8, a plain block at 4.
+
+    Narrow at 16x16, where the compute is: on 2 shared cores more steps beat more width (3.2M params).
+    """
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=32,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=4,  # diffusers' SD1 naming: the number of heads
+    )
+
+
+def micro_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=TEXT_WIDTH * 4,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_WIDTH,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_micro_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The untrained micro pipeline (seeded): what the recipe starts from."""
+    tokenizer = build_tokenizer(list(dict.fromkeys([*WORDS, *EXTRA_WORDS])))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    return StableDiffusionPipeline(
+        vae=micro_vae(seed),
+        text_encoder=micro_text_encoder(len(tokenizer), seed + 1),
+        tokenizer=tokenizer,
+        unet=micro_unet(seed + 2),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def param_counts(pipe: StableDiffusionPipeline) -> dict[str, int]:
+    return {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("vae", "unet", "text_encoder")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuner.micro.init", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="diffusers folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    pipe = build_micro_pipeline(args.seed)
+    pipe.save_pretrained(args.out_dir, safe_serialization=True)
+    counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in param_counts(pipe).items())
+    print(f"wrote the untrained micro pipeline to {args.out_dir} ({counts})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
