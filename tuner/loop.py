@@ -139,6 +139,7 @@ def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state
     run_dir, max_norm = Path(tc.output_dir), config.optimizer.max_grad_norm or math.inf
     stream = _BatchStream(data, pos)
     skipped, interval = 0, []
+    strays = runtime.stray_parameters(accelerator, wrapped, params)
     while pos.global_step < tc.max_train_steps:
         trainer.global_step = pos.global_step
         step_loss = torch.zeros((), device=accelerator.device)
@@ -150,6 +151,8 @@ def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state
                     loss = trainer.compute_loss(parts, batch)
                 accelerator.backward(loss)
             step_loss += loss.detach().float() / tc.gradient_accumulation_steps
+        if strays:
+            runtime.average_gradients(strays, accelerator.num_processes)
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
         flags = torch.stack([step_loss, torch.tensor(float(stop.requested), device=step_loss.device)])
         flags = accelerator.reduce(flags, "sum")  # one collective: every process sees the same loss and stop flag

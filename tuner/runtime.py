@@ -140,6 +140,32 @@ def place(parts, key: str, module: nn.Module) -> bool:
     return False
 
 
+def stray_parameters(accelerator, wrapped: dict[str, nn.Module], params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Trained parameters outside every DDP-wrapped module (a trainer may train tensors of a module it did not
+    list): DDP does not average their gradients, so `average_gradients` must, or the processes drift apart."""
+    from accelerate.utils import DistributedType
+
+    own_sync = (DistributedType.NO, DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA)
+    if accelerator.num_processes == 1 or accelerator.distributed_type in own_sync:
+        return []
+    covered = {id(p) for module in wrapped.values() for p in module.parameters()}
+    return [p for p in params if id(p) not in covered]
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce the gradients of `params` in one flat bucket (every process has the same list)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
 @contextmanager
 def full_parameters(accelerator, wrapped: dict[str, nn.Module]) -> Iterator[None]:
     """Under FSDP, gather each wrapped module's full parameters (collective: every process enters)."""

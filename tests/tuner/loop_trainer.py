@@ -31,6 +31,8 @@ class UNetBiasConfig(MethodConfig):
     """`bias`: every bias and norm parameter of the UNet; `attention`: the first cross-attention block."""
     per_example_noise: bool = False
     """Draw each example's noise from its caption and the step, so any split of a batch sees the same noise."""
+    loss_scale: bool = False
+    """Also train a scalar that multiplies the loss: a parameter outside every module the loop wraps."""
 
 
 class UNetBiasTrainer(Trainer):
@@ -46,7 +48,11 @@ class UNetBiasTrainer(Trainer):
             chosen = list(parts.unet.down_blocks[0].attentions[0].parameters())
         for p in chosen:
             p.requires_grad_(True)
-        return Trainables({"unet": parts.unet}, [{"name": "unet", "params": chosen}])
+        groups = [{"name": "unet", "params": chosen}]
+        if self.method_config.loss_scale:
+            self.scale = torch.nn.Parameter(torch.ones((), device=parts.device))
+            groups.append({"name": "loss_scale", "params": [self.scale], "lr": 1e-2})
+        return Trainables({"unet": parts.unet}, groups)
 
     def compute_loss(self, parts, batch: dict[str, Any]) -> torch.Tensor:
         step = self.global_step + 1
@@ -65,6 +71,8 @@ class UNetBiasTrainer(Trainer):
             loss = torch.stack(losses).mean()
         else:
             loss = diffusion_loss(parts, batch, options, generator=batch.get("generator"))
+        if self.method_config.loss_scale:
+            loss = loss * self.scale
         if os.environ.get("TUNER_TEST_NAN_AT_STEP") == str(step):
             loss = loss * float("nan")
         return loss
@@ -72,6 +80,8 @@ class UNetBiasTrainer(Trainer):
     def save(self, parts, out_dir: Path) -> Artifact:
         unet = parts.unwrapped(parts.unet)
         tensors = {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+        if self.method_config.loss_scale:
+            tensors["loss_scale"] = self.scale.detach().cpu().reshape(1)
         save_file(tensors, str(Path(out_dir) / "unet_trained.safetensors"))
         load = "safetensors.torch.load_file(path)"
         return Artifact(
