@@ -298,6 +298,8 @@ def resolve_resume(run_dir: str | Path, resume: str, fallback: bool = False) -> 
             path = run_dir / resume
         if not path.is_dir():
             raise TunerError(f"--resume {resume}: no such checkpoint folder (expected {run_dir}/{PREFIX}<step>)")
+        if checkpoint_step(path) is None and not (path / MANIFEST).exists() and list_checkpoints(path):
+            return resolve_resume(path, "latest", fallback)  # a run folder: its newest checkpoint
         step = checkpoint_step(path)
         older = [p for p in list_checkpoints(path.parent) if step is not None and checkpoint_step(p) < step]
         candidates = [*older, path]

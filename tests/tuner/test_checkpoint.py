@@ -164,6 +164,7 @@ def test_resume_paths_and_fresh_starts(tmp_path):
     assert resolve_resume(tmp_path / "nothing", "latest") is None
     _save(tmp_path, 5)
     assert resolve_resume(tmp_path, "checkpoint-5").name == "checkpoint-5"  # relative to the run folder
+    assert resolve_resume("elsewhere", str(tmp_path)).name == "checkpoint-5"  # a run folder: its newest
     with pytest.raises(TunerError, match="no such checkpoint"):
         resolve_resume(tmp_path, "checkpoint-6")
 
