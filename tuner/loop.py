@@ -221,11 +221,12 @@ class _BatchStream:
 
 def _diverged(config: RunConfig, step: int, loss: float, grad_norm: float, last_good: Path | None) -> TrainingStopped:
     what = f"loss = {loss}" if not math.isfinite(loss) else f"gradient norm = {grad_norm}"
-    causes = [f"the learning rate is too high (optimizer.learning_rate = {config.optimizer.learning_rate:g})"]
+    lr = config.optimizer.learning_rate
+    causes = [f"the learning rate is too high (optimizer.learning_rate = {lr:g}; lower it or add lr_warmup_steps)"]
     if config.train.mixed_precision == "fp16":
-        causes.append("fp16 overflow (train.mixed_precision = 'fp16'; try 'bf16' or 'no')")
+        causes.append("fp16 overflow (train.mixed_precision = 'fp16'; try 'bf16')")
     else:
-        causes.append("half-precision overflow if you switch to fp16 (bf16 or no are safer)")
+        causes.append("a broken example in the data (see `tuner check-data`)")
     safe = (
         f"the last good checkpoint is {last_good} (--resume {last_good})"
         if last_good

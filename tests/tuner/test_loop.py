@@ -225,7 +225,7 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tiny_mode
     assert result.returncode == 1
     message = result.stderr
     assert "step 3" in message and "loss = nan" in message
-    assert "learning rate" in message and "bf16" in message and str(out / "checkpoint-2") in message
+    assert "learning rate" in message and str(out / "checkpoint-2") in message
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     assert not (out / "artifact.json").exists()
     assert verify(out / "checkpoint-2") is None
@@ -303,3 +303,16 @@ def test_trained_modules_go_back_where_their_keys_say():
     assert place(parts, "text_encoders.0", wrapper) and parts.text_encoders[0] is wrapper
     assert place(parts, "unet", wrapper) and parts.unet is wrapper
     assert not place(parts, "network", wrapper) and not place(parts, "text_encoder_3", wrapper)
+
+
+def test_divergence_message_names_fp16_and_the_last_checkpoint():
+    from tuner.loop import _diverged
+
+    config = RunConfig.for_method(loop_trainer.METHOD).model_validate(
+        {"method": loop_trainer.METHOD, "train": {"mixed_precision": "fp16"}, "optimizer": {"learning_rate": 0.5}}
+    )
+    message = str(_diverged(config, 7, float("inf"), 3.0, Path("runs/x/checkpoint-4")))
+    assert message.startswith("step 7: loss = inf") and "learning_rate = 0.5" in message
+    assert "fp16 overflow" in message and "'bf16'" in message and "--resume runs/x/checkpoint-4" in message
+    message = str(_diverged(config, 1, 0.3, float("nan"), None))
+    assert "gradient norm = nan" in message and "no checkpoint was written yet" in message
