@@ -39,7 +39,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):
     from tuner.config import load_config
 
-    return load_config(args.config, args.preset, args.set, _overrides(args))
+    return load_config(args.config, args.preset, args.set, _overrides(args), vram=getattr(args, "vram", None))
 
 
 # --- commands ----------------------------------------------------------------------------------------
@@ -61,14 +61,10 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from tuner.config import explain
-    from tuner.presets import find_preset, list_presets
+    from tuner.presets import describe_extras, find_preset, list_presets, preset_table, read_preset
 
     if args.action == "list":
-        infos = list_presets()
-        width = max((len(i.name) for i in infos), default=4)
-        print(f"{'NAME':<{width}}  {'METHOD':<18}  DESCRIPTION")
-        for info in infos:
-            print(f"{info.name:<{width}}  {info.method:<18}  {info.summary}")
+        print(preset_table(list_presets()))
         return 0
     if not args.name:
         raise TunerError("tuner presets show NAME: give a preset name (see `tuner presets list`)")
@@ -79,10 +75,18 @@ def cmd_presets(args: argparse.Namespace) -> int:
         return 0
     from tuner.config import load_config
 
-    for key, value, doc in explain(load_config(preset=args.name)):
+    for key, value, doc in explain(load_config(preset=args.name, vram=args.vram)):
         print(f"{key} = {value!r}")
         if doc:
             print(f"    {doc}")
+    print("\n".join(describe_extras(read_preset(args.name))))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tuner.demo import run_demo
+
+    run_demo(args.output_dir, model=args.model, steps=args.steps)
     return 0
 
 
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a preset and/or a TOML config")
     _config_arguments(p)
+    p.add_argument("--vram", type=float, metavar="GB", help="GPU memory: picks the preset's largest tier not above it")
     p.add_argument("--resume", help="`latest` or a checkpoint folder to continue from")
     p.set_defaults(handler=cmd_train)
 
@@ -170,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?", help="preset to show")
     p.add_argument("--explain", action="store_true", help="every field with its value and meaning")
+    p.add_argument("--vram", type=float, metavar="GB", help="with --explain: the values of this memory tier")
     p.set_defaults(handler=cmd_presets)
 
     _sample_arguments(sub.add_parser("sample", help="render prompts x seeds x LoRA scales: PNGs and a grid"))
@@ -182,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="write the exact upload folder and list it; upload nothing")
     p.add_argument("--endpoint", help="hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     p.set_defaults(handler=cmd_publish)
+
+    p = sub.add_parser("demo", help="personalize the built-in micro model from the example photos, and show it")
+    p.add_argument("--output-dir", default="tuner-demo", help="run folder (default: ./tuner-demo)")
+    p.add_argument("--model", help="another base model (default: builtin:micro)")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("make-tiny", help="write a tiny random pipeline (for tests and trying things out)")
     p.add_argument("directory")

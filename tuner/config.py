@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tuner.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -395,22 +398,31 @@ def load_config(
     preset: str | None = None,
     sets: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
+    vram: float | None = None,
 ) -> RunConfig:
-    """defaults < preset < user file < `overrides` (CLI shorthands such as --model) < `--set` assignments."""
-    from tuner.presets import load_preset
+    """defaults < preset (its `vram` memory tier) < user file < `overrides` (CLI shorthands such as --model) <
+    `--set` assignments. A preset's scaling rules then fill in what the user layers left open (`tuner.presets`)."""
+    from tuner.presets import non_default_values, read_preset, resolve
 
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if preset:
-        layers.append((f"preset {preset}", load_preset(preset)))
+    user: list[tuple[str, dict[str, Any]]] = []
     if file:
-        layers.append((str(file), read_toml(file)))
+        user.append((str(file), read_toml(file)))
     if overrides:
-        layers.append(("command line", overrides))
+        user.append(("command line", overrides))
     for assignment in sets or []:
-        layers.append((f"--set {assignment}", parse_set(assignment)))
-    if not layers:
-        raise ConfigError("nothing to train: give --preset NAME or --config FILE.toml")
-    return build_config(layers)
+        user.append((f"--set {assignment}", parse_set(assignment)))
+    if not preset:
+        if vram is not None:
+            raise ConfigError(f"--vram {vram:g}: picks a memory tier of a preset; give --preset NAME too")
+        if not user:
+            raise ConfigError("nothing to train: give --preset NAME or --config FILE.toml")
+        return build_config(user)
+    chosen = read_preset(preset)
+    label, layer, tier = chosen.layer(vram)
+    config = resolve(chosen, [(label, layer), *user], user, tier, vram)
+    shown = "\n  ".join(f"{k} = {v!r}" for k, v in non_default_values(config).items())
+    logger.info("resolved config (values other than the defaults):\n  %s", shown)
+    return config
 
 
 def save_config(config: RunConfig, path: str | Path) -> Path:
