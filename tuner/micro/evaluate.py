@@ -1,0 +1,103 @@
+"""Judge what a personalization run learned, on fixed seeds: subject fidelity, context adherence, prior drift.
+
+Used by `tuner demo` (its metrics.json) and by `bench/quality.py`. Every figure compares the tuned model with
+the same pipeline at adapter scale 0 (or the base model) on the same prompts and seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from tuner.micro.judge import Judge
+from tuner.micro.world import CONCEPT
+
+CONTEXT_BACKGROUNDS = ("blue", "green", "red", "white")
+
+
+@dataclass
+class SubjectMetrics:
+    """Fractions in [0, 1] over prompts x seeds (base = the same prompts without the adaptation)."""
+
+    fidelity: float
+    """Instance-prompt samples in which the judge finds the subject."""
+    context_adherence: float
+    """Samples for prompts naming a background that show the subject on that background."""
+    class_subject_rate: float
+    """Class-prompt samples in which the judge finds the subject (it should stay near the base rate)."""
+    prior_drift: float
+    """How much more often class-prompt samples show the subject than the base model's did."""
+    base_fidelity: float
+    """The base model's fidelity on the same prompts (the subject is new to it: near 0)."""
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def subject_prompts(token: str) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """(instance prompts, (context prompt, background) pairs, class prompts) for the micro concept."""
+    instance = [f"a photo of a {token} {CONCEPT.class_word}"]
+    contexts = [(CONCEPT.caption(bg, token), bg) for bg in CONTEXT_BACKGROUNDS]
+    classes = [CONCEPT.class_caption(bg) for bg in CONTEXT_BACKGROUNDS[:2]]
+    return instance, contexts, classes
+
+
+def _render(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, size: int):
+    images = []
+    for prompt in prompts:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        out = pipe(
+            [prompt] * len(seeds),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=generators,
+        )
+        images.extend(out.images)
+    return images
+
+
+def judge_subject(
+    pipe: Any,
+    set_scale: Callable[[float], None],
+    token: str = "sks",
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    steps: int = 20,
+    guidance: float = 4.0,
+    size: int = 64,
+    judge: Judge | None = None,
+) -> SubjectMetrics:
+    """Score `pipe` at scale 1 (tuned) and 0 (base) with the micro-world judge."""
+    judge = judge or Judge()
+    instance, contexts, classes = subject_prompts(token)
+
+    def fraction(prompts, scale, test) -> float:
+        set_scale(scale)
+        images = _render(pipe, prompts, seeds, steps, guidance, size)
+        labels = [p for p in prompts for _ in seeds]
+        hits = [test(judge.judge(img), label) for img, label in zip(images, labels)]
+        return sum(hits) / max(len(hits), 1)
+
+    has_subject = lambda out, _: bool(out["concept"])  # noqa: E731
+    backgrounds = dict(contexts)
+    in_context = lambda out, prompt: bool(out["concept"]) and out["background"] == backgrounds[prompt]  # noqa: E731
+    fidelity = fraction(instance, 1.0, has_subject)
+    context = fraction(list(backgrounds), 1.0, in_context)
+    class_rate = fraction(classes, 1.0, has_subject)
+    base_class = fraction(classes, 0.0, has_subject)
+    base_fidelity = fraction(instance, 0.0, has_subject)
+    set_scale(1.0)
+    total = len(seeds) * (2 * len(instance) + len(contexts) + 2 * len(classes))
+    return SubjectMetrics(
+        fidelity=fidelity,
+        context_adherence=context,
+        class_subject_rate=class_rate,
+        prior_drift=max(0.0, class_rate - base_class),
+        base_fidelity=base_fidelity,
+        samples=total,
+    )
