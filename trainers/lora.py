@@ -7,6 +7,7 @@ base, inject with peft, return optimizer groups), `set_lora_scale` (0 = base mod
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -88,7 +89,9 @@ class LoraConfig(MethodConfig):
 
     def targets(self, text_encoder: bool = False) -> list[str]:
         value = self.text_encoder_target_modules if text_encoder else self.unet_target_modules
-        return list((TEXT_ENCODER_PRESETS if text_encoder else UNET_PRESETS).get(value, value))
+        if isinstance(value, str):
+            return list((TEXT_ENCODER_PRESETS if text_encoder else UNET_PRESETS)[value])
+        return list(value)
 
 
 def peft_config(cfg: LoraConfig, text_encoder: bool = False):
@@ -171,11 +174,15 @@ def inject_lora(parts: Parts, cfg: LoraConfig, run_config: Any) -> list[dict[str
     return groups
 
 
-def set_lora_scale(parts: Parts, scale: float, adapter_name: str = ADAPTER_NAME) -> None:
+def set_lora_scale(
+    parts: Parts, scale: float, adapter_name: str = ADAPTER_NAME, components: tuple[str, ...] | None = None
+) -> None:
     """Scale every adapter layer; 0 disables them, so even DoRA's magnitude is off and the base model returns."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for model in adapted_models(parts).values():
+    for name, model in adapted_models(parts).items():
+        if components is not None and name not in components:
+            continue
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and adapter_name in _layer_adapters(module):
                 # peft's enable/disable also flips requires_grad; what trains is not this function's business.
@@ -222,6 +229,17 @@ def save_lora(
     return files
 
 
+def base_prediction(parts: Parts, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    """The base UNet's prediction (UNet adapters off): image-free prior preservation without a second UNet."""
+    unet = parts.unwrapped(parts.unet)
+    set_lora_scale(parts, 0.0, components=("unet",))
+    try:
+        dtype = next(unet.parameters()).dtype
+        return unet(noisy.to(dtype), timesteps, **cond).sample
+    finally:
+        set_lora_scale(parts, 1.0, components=("unet",))
+
+
 def trigger_words(run_config: Any) -> str | None:
     """The identifier token, else the instance prompt: what users must write to get the subject."""
     data = run_config.data
@@ -246,7 +264,11 @@ class LoraTrainer(Trainer):
 
     def compute_loss(self, parts: Parts, batch: dict[str, Any]) -> torch.Tensor:
         options = getattr(self, "loss_options", None) or LossOptions.from_config(self.config)
-        return diffusion_loss(parts, batch, options, generator=batch.get("generator"))
+        data = self.config.data
+        prior = None
+        if data.with_prior_preservation and data.prior_mode == "model":
+            prior = functools.partial(base_prediction, parts)
+        return diffusion_loss(parts, batch, options, generator=batch.get("generator"), prior_target=prior)
 
     def set_adapter_scale(self, parts: Parts, scale: float) -> bool:
         set_lora_scale(parts, scale)

@@ -250,3 +250,18 @@ def test_output_name_must_not_collide_and_is_sanitized(sd1_export, tmp_path):
         write(parts, state, tmp_path, name="pytorch_lora_weights", verify=False)
     files, _ = write(parts, state, tmp_path / "b", name="my toy/v1", verify=False)
     assert "my_toy_v1.safetensors" in files
+
+
+def test_half_precision_parts_are_checked_against_an_fp32_rebuild(tiny_models, tmp_path):
+    """Mixed-precision runs keep the base in bf16: the reference is then the fp32 base plus the trained adapter."""
+    from trainers.lora import adapted_models, inject_lora
+
+    config = RunConfig.for_method("lora").model_validate({"method": "lora", "lora": {"rank": 4, "alpha": 8.0}})
+    parts = load_parts(str(tiny_models["sd1"]), weight_dtype=torch.bfloat16)
+    params = inject_lora(parts, config.lora, config)[0]["params"]
+    assert all(p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    _, extra = write(parts, collect_state(adapted_models(parts), "tuner"), tmp_path)
+    assert all(max(d.values()) < 1e-4 for d in extra["roundtrip"].values())
