@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from tuner.config import MethodConfig
@@ -42,6 +42,8 @@ TEXT_ENCODER_PRESETS: dict[str, list[str]] = {
 
 
 class LoraConfig(MethodConfig):
+    """The `[lora]` table (also built by DreamBooth-LoRA and pivotal tuning for their adapters)."""
+
     rank: int = Field(16, ge=1)
     """Adapter rank (LoRA/DoRA/LoHa rank; for LoKr the rank of the decomposed Kronecker factor)."""
     alpha: float | None = Field(None, gt=0)
@@ -69,7 +71,7 @@ class LoraConfig(MethodConfig):
 
     @field_validator("unet_target_modules", "text_encoder_target_modules")
     @classmethod
-    def _targets(cls, value: str | list[str], info) -> str | list[str]:
+    def _targets(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
         presets = UNET_PRESETS if info.field_name == "unet_target_modules" else TEXT_ENCODER_PRESETS
         if isinstance(value, str) and value not in presets:
             raise ValueError(f"unknown preset {value!r}; allowed: {', '.join(presets)} or a list of module names")
@@ -78,7 +80,7 @@ class LoraConfig(MethodConfig):
         return value
 
     @model_validator(mode="after")
-    def _dora_init(self) -> LoraConfig:
+    def _lycoris_init(self) -> LoraConfig:
         if self.variant in ("loha", "lokr") and self.init_lora_weights == "gaussian":
             raise ValueError(f"init_lora_weights = 'gaussian' applies to lora/dora, not {self.variant}")
         return self
@@ -156,7 +158,11 @@ def _prune_patterns(model: nn.Module, config: Any) -> None:
 
 
 def inject_lora(parts: Parts, cfg: LoraConfig, run_config: Any) -> list[dict[str, Any]]:
-    """Freeze the base, inject adapters into the UNet (and text encoders if they train); optimizer groups."""
+    """Freeze the base, inject adapters into the UNet (and text encoders if they train); optimizer groups.
+
+    Everything else is frozen here, so a method that also trains other tensors (pivotal tuning's token
+    embeddings) unfreezes them after this call.
+    """
     models = adapted_models(parts)
     for model in models.values():
         model.requires_grad_(False)

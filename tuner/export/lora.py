@@ -116,7 +116,10 @@ def export_lora(
     where = str(out_dir)
     peft_load = f'pipe.load_lora_weights("{where}", weight_name="{peft_path.name}")'
     if not diffusers_loadable(variant):
-        peft_load = f'from tuner.export import load_peft_adapter; load_peft_adapter(pipe, "{peft_path}")'
+        peft_load = (
+            "from tuner.export import load_peft_adapter; "
+            f'load_peft_adapter(pipe, "{where}", weight_name="{peft_path.name}")'
+        )
     kohya_load = f'pipe.load_lora_weights("{where}", weight_name="{kohya_path.name}")' if kohya_in_diffusers else ""
     kohya_tools = [t for t in KOHYA_TOOLS[variant] if t != "diffusers" or kohya_in_diffusers]
     peft_format = f"{'diffusers' if diffusers_loadable(variant) else 'peft'}-{variant}"

@@ -174,10 +174,32 @@ def inject_state(model: nn.Module, comp: ComponentAdapter, adapter_name: str) ->
         )
 
 
-def load_peft_adapter(pipe: Any, path: str | Path, adapter_name: str = "default", scale: float = 1.0) -> Any:
-    """Load a peft-layout adapter file (any variant, LoHa/LoKr included) into a stock diffusers pipeline."""
+def resolve_file(location: str | Path, weight_name: str | None = None) -> Path:
+    """A local file from a file path, a folder + `weight_name`, or a hub repo id + `weight_name`."""
+    path = Path(location)
+    if weight_name is None:
+        return path
+    if path.is_dir() or path.is_file():
+        return path / weight_name if path.is_dir() else path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(str(location), weight_name))
+    except Exception as exc:  # noqa: BLE001 - offline, missing repo or file: one clear message
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise TunerError(f"{location}: not a local folder, and {weight_name} is not on the hub ({reason})") from None
+
+
+def load_peft_adapter(
+    pipe: Any, location: str | Path, weight_name: str | None = None, adapter_name: str = "default", scale: float = 1.0
+) -> Any:
+    """Load a peft-layout adapter file (any variant, LoHa/LoKr included) into a stock diffusers pipeline.
+
+    `location` is the file, or a folder or hub repo id holding `weight_name` (as for `load_lora_weights`).
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    path = resolve_file(location, weight_name)
     state = read_peft_file(path)
     for component, comp in state.components.items():
         model = getattr(pipe, component, None)

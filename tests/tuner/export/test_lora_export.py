@@ -190,6 +190,25 @@ def test_loaded_file_changes_output_and_scale_zero_is_base(sd1_export):
         assert torch.equal(zero[name], base[name])
 
 
+def assert_load_lines_work(model_dir, files):
+    """Every non-empty `load` line of the artifact runs on a fresh stock pipeline and changes its outputs."""
+    for entry in files.values():
+        if not entry.load:
+            continue
+        pipe = fresh_pipeline(model_dir)
+        probe = Probe.for_pipeline(pipe)
+        base = pipeline_outputs(pipe, probe)
+        exec(entry.load, {"pipe": pipe})  # noqa: S102 - the line users copy
+        loaded = pipeline_outputs(pipe, probe)
+        assert (loaded["unet"] - base["unet"]).abs().max() > 1e-4, entry.load
+
+
+def test_artifact_load_lines_run(sd1_export):
+    parts, _, _, files, _ = sd1_export
+    assert all(f.load for f in files.values())
+    assert_load_lines_work(parts.source, files)
+
+
 def test_sdxl_uses_te1_te2_prefixes_and_text_model_everywhere(tiny_models, tmp_path):
     parts, _, state = adapted(tiny_models["sdxl"], rank=2, alpha=1.0, targets="transformer")
     files, extra = write(parts, state, tmp_path)
@@ -242,6 +261,7 @@ def test_variants_export_in_lycoris_key_forms_and_round_trip(tiny_models, tmp_pa
     assert len(extra["roundtrip"]) == 2
     for diffs in extra["roundtrip"].values():
         assert max(diffs.values()) < 1e-4
+    assert_load_lines_work(parts.source, files)
 
 
 def test_output_name_must_not_collide_and_is_sanitized(sd1_export, tmp_path):
