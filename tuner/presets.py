@@ -14,6 +14,7 @@ Besides ordinary run-config tables a preset may hold three preset-only tables, r
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -72,7 +73,7 @@ class ScalingRules(Section):
     """Upper bound of images × steps_per_image (at batch 1): large sets do not overtrain or run for days."""
     epoch_images: int | None = Field(None, ge=1)
     """`data.num_repeats` = ceil(epoch_images / images), at least 1 (kohya-style repeats): a small set is repeated
-    so an epoch holds about this many examples and batches pad less."""
+    so an epoch holds about this many examples and batches pad less. Not with `data.subsets` (they have their own)."""
     warmup_fraction: float | None = Field(None, ge=0, lt=1)
     """`optimizer.lr_warmup_steps` = round(warmup_fraction × max_train_steps)."""
     pivotal_ti_fraction: float | None = Field(None, gt=0, lt=1)
@@ -132,9 +133,10 @@ class Preset:
             raise ConfigError(f"--vram {vram:g}: expected the GPU's memory in GB, e.g. --vram 12 (tiers: {shown})")
         fitting = [t for t in self.tiers if t <= vram]
         if not fitting:
+            hint = "; LoRA presets start at 8 GB (`tuner presets list` shows every preset's tiers)"
             raise ConfigError(
-                f"--vram {vram:g}: preset {name!r} needs at least {min(self.tiers)} GB (its tiers: {shown} GB); "
-                "`tuner presets list` shows which presets have smaller tiers (LoRA presets start at 8 GB)"
+                f"--vram {vram:g}: preset {name!r} needs at least {min(self.tiers)} GB (its tiers: {shown} GB)"
+                + (hint if min(self.tiers) > 8 else "")
             )
         return max(fitting)
 
@@ -172,10 +174,14 @@ def find_preset(name: str) -> PresetInfo:
     candidate = Path(name)
     if candidate.suffix == ".toml" and candidate.is_file():
         return PresetInfo(candidate.stem, candidate.parent.name, candidate, "")
-    matches = [info for info in list_presets() if info.name == name]
+    infos = list_presets()
+    matches = [info for info in infos if info.name == name]
     if not matches:
-        names = ", ".join(info.name for info in list_presets()) or "(none installed)"
-        raise ConfigError(f"--preset {name!r}: no such preset; available: {names}")
+        names = [info.name for info in infos]
+        close = [n for n in names if n.startswith(name)] or difflib.get_close_matches(name, names, n=3)
+        listed = ", ".join(names) or "(none installed)"
+        shown = f"did you mean {', '.join(close)}?" if close else f"available: {listed}"
+        raise ConfigError(f"--preset {name!r}: no such preset; {shown}")
     return matches[0]
 
 
@@ -322,7 +328,7 @@ def scale(rules: ScalingRules, config: RunConfig, images: int | None, explicit: 
         why = f"{images} images × {rules.steps_per_image:g} within {bounds}, ÷ batch {batch}"
         decide("train.max_train_steps", value, why)
         steps = derived.get("train.max_train_steps", steps)
-    if images and rules.epoch_images:
+    if images and rules.epoch_images and not config.data.subsets:  # kohya subsets carry their own repeats
         decide("data.num_repeats", max(1, math.ceil(rules.epoch_images / images)),
                f"about {rules.epoch_images} examples per epoch from {images} images")  # fmt: skip
     if rules.warmup_fraction is not None:

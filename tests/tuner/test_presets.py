@@ -357,3 +357,8 @@ def test_preset_trains_two_steps_on_its_tiny_family(info, tiny_models, photos, t
     assert resolved["train"]["gradient_checkpointing"] == overlay["train"]["gradient_checkpointing"]
     assert resolved["optimizer"]["name"] == overlay["optimizer"]["name"]
     assert resolved["data"]["num_repeats"] == math.ceil(100 / 6) or not preset.scaling.epoch_images
+
+
+def test_a_mistyped_preset_name_suggests_the_close_ones():
+    with pytest.raises(ConfigError, match="did you mean style-lora-sd15, style-lora-sd21, style-lora-sdxl"):
+        load_config(preset="style-lora")
