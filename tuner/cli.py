@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a preset and/or a TOML config")
     _config_arguments(p)
     p.add_argument("--vram", type=float, metavar="GB", help="GPU memory: picks the preset's largest tier not above it")
-    p.add_argument("--resume", help="`latest` or a checkpoint folder to continue from")
+    p.add_argument(
+        "--resume", help="continue a run: `latest`, `latest-good` (newest intact checkpoint) or a checkpoint folder"
+    )
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("check-data", help="check a data set: what training will use, skip or refuse, and why")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from tuner.errors import ConfigError
 
@@ -253,6 +253,12 @@ class HubConfig(Section):
     """Create the repository as private."""
     license: str = "openrail++"
     """License in the model card."""
+
+    @model_validator(mode="after")
+    def _repo_for_push(self) -> HubConfig:
+        if self.push and not self.repo_id:
+            raise ValueError("hub.push = true needs hub.repo_id (user/name)")
+        return self
 
 
 class MethodConfig(Section):

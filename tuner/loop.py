@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,12 +126,25 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
                 _validate(accelerator, trainer, parts, {}, None, params, state, tracker, run_dir)
             if main:
                 trainer.save(parts, run_dir).write(run_dir)
+                _finish(config, run_dir)
         accelerator.wait_for_everyone()
     finally:
         bar.close()
         tracker.close()
     accelerator.end_training()
     return run_dir
+
+
+def _finish(config: RunConfig, run_dir: Path) -> None:
+    """The end of a run: the last grid as `grids/final.png`, the model card, and the upload when asked."""
+    from tuner.hub import publish, write_model_card
+
+    grids = sorted((run_dir / "grids").glob("step-*.png"))
+    if grids:
+        shutil.copyfile(grids[-1], run_dir / "grids" / "final.png")
+    write_model_card(run_dir)
+    if config.hub.push:
+        publish(run_dir, config.hub.repo_id, private=config.hub.private)
 
 
 def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state, tracker, bar, stop, last_good):

@@ -186,7 +186,9 @@ def test_run_writes_outputs_checkpoints_grids_and_logs(tiny_models, images, tmp_
     for checkpoint in list_checkpoints(out):
         assert verify(checkpoint) is None
         assert {p.suffix for p in checkpoint.iterdir()} <= {".json", ".safetensors"}  # no pickle anywhere
-    assert sorted(p.name for p in (out / "grids").iterdir()) == ["step-000003.png", "step-000006.png"]
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["final.png", "step-000003.png", "step-000006.png"]
+    assert (out / "grids" / "final.png").read_bytes() == (out / "grids" / "step-000006.png").read_bytes()
+    assert "library_name: diffusers" in (out / "README.md").read_text()  # the model card
     assert list((out / "logs").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
