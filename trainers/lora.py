@@ -280,6 +280,12 @@ class LoraTrainer(Trainer):
         set_lora_scale(parts, scale)
         return True
 
+    def validation_prompts(self) -> list[str]:
+        """The instance / class prompts, else the trigger token in a plain sentence (captioned subject sets)."""
+        prompts = super().validation_prompts()
+        token = self.config.data.token
+        return prompts or ([f"a photo of {token}"] if token else [])
+
     def save(self, parts: Parts, out_dir: Path) -> Artifact:
         extra: dict[str, Any] = {}
         files = save_lora(parts, self.method_config, self.config, out_dir, extra)

@@ -273,7 +273,7 @@ def test_loop_end_to_end_export_loads_in_a_fresh_pipeline(tiny_models, subject_f
         "data": {"path": str(subject_folder), "resolution": 64, "enable_bucket": False, "token": "sks", **data},
         "optimizer": {"name": "adamw", "learning_rate": 5e-3},
         "train": {"output_dir": str(run), "max_train_steps": 10, "train_batch_size": 2, "report_to": "none"},
-        "validation": {"enabled": False},
+        "validation": {"enabled": family == "sd1", "num_inference_steps": 2, "seeds": [0], "scales": [0.0, 0.5, 1.0]},
         "lora": {"rank": 4, **lora},
     }
     try:
@@ -282,6 +282,9 @@ def test_loop_end_to_end_export_loads_in_a_fresh_pipeline(tiny_models, subject_f
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     artifact = Artifact.read(run_dir)
+    if family == "sd1":  # the validation grid shows adapter scales 0 / 0.5 / 1 through `set_adapter_scale`
+        grids = sorted((run_dir / "grids").glob("*.png"))
+        assert grids and Image.open(grids[-1]).size[0] > 3 * 64
     assert json.loads((run_dir / "config.json").read_text())["method"] == "lora"
     assert [f.path for f in artifact.files] == ["pytorch_lora_weights.safetensors", "run.safetensors"]
     assert artifact.files[1].tools == ["A1111", "ComfyUI", "diffusers", "kohya"]
