@@ -12,7 +12,7 @@ import pytest
 from tuner.cli import main
 from tuner.config import build_config, load_config
 from tuner.errors import ConfigError
-from tuner.presets import list_presets, read_preset, scale
+from tuner.presets import find_preset, list_presets, read_preset, scale
 
 OURS = [info for info in list_presets() if info.tiers]  # the task presets (micro-* presets have no tiers)
 TASKS = ("style-lora", "subject-dreambooth", "subject-dreambooth-lora", "subject-textual-inversion",
@@ -300,13 +300,7 @@ def test_train_reports_a_bad_vram_clearly(capsys):
 
 # --- every preset trains --------------------------------------------------------------------------------------
 
-# Known bug outside the presets (tuner/data/prior.py): class images are generated after the full-DreamBooth trainer
-# made the UNet fp32 while the text encoder stays in the mixed-precision dtype, so the stock pipeline fails with
-# "mat1 and mat2 must have the same dtype". Remove this flag (and the xfail below) once that is fixed.
-CLASS_IMAGES_NEED_FP32 = True
-
-
-@pytest.mark.xfail(CLASS_IMAGES_NEED_FP32, reason="tuner/data/prior.py: fp32 UNet + bf16 text encoder", strict=True)
+# Class images are generated after the full-DreamBooth trainer made the UNet fp32 beside bf16 frozen parts.
 @pytest.mark.usefixtures("_one_thread", "_fresh_accelerate")
 def test_class_images_are_generated_under_mixed_precision(tiny_models, photos, tmp_path):
     from tuner.loop import train
@@ -314,7 +308,7 @@ def test_class_images_are_generated_under_mixed_precision(tiny_models, photos, t
     name = "subject-dreambooth-sd21"
     sets = ["data.resolution=64", "data.enable_bucket=false", "train.max_train_steps=1", "train.report_to=none",
             "validation.enabled=false", "data.num_class_images=1", "data.class_inference_steps=1",
-            f"train.output_dir={tmp_path / 'run'}", *required_sets(read_preset(name), tmp_path)]  # fmt: skip
+            f"train.output_dir={tmp_path / 'run'}", *required_sets(find_preset(name), tmp_path)]  # fmt: skip
     model = {"pretrained_model_name_or_path": str(tiny_models["sd2"])}
     config = load_config(preset=name, overrides={"model": model, "data": {"path": str(photos)}}, sets=sets)
     assert config.train.mixed_precision == "bf16"
@@ -342,8 +336,6 @@ def test_preset_trains_two_steps_on_its_tiny_family(info, tiny_models, photos, t
     ]
     if overlay["train"]["mixed_precision"] == "fp16":
         sets.append("train.mixed_precision=no")  # fp16 autocast is CUDA-only; bf16 runs on the CPU as is
-    elif CLASS_IMAGES_NEED_FP32 and preset.table.get("data", {}).get("with_prior_preservation"):
-        sets.append("train.mixed_precision=no")  # see test_class_images_are_generated_under_mixed_precision
     args = ["train", "--preset", info.name, "--vram", str(smallest), "--model", str(tiny_models[tiny_family(info)])]
     args += ["--data", str(photos), "--output-dir", str(out)]
     for assignment in sets:

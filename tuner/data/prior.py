@@ -125,6 +125,8 @@ def _generate(config: RunConfig, parts, todo: list[tuple[int, Path]], folder: Pa
     import torch
     from tqdm.auto import tqdm
 
+    from tuner.validation import sampling_mode
+
     data = config.data
     pipe = parts.pipeline()
     size = data.resolution
@@ -135,7 +137,8 @@ def _generate(config: RunConfig, parts, todo: list[tuple[int, Path]], folder: Pa
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         generators = [torch.Generator("cpu").manual_seed(config.train.seed + index) for index, _ in chunk]
-        with torch.no_grad():
+        # Autocast: a trainer may already have put the parts it trains in fp32 beside half-precision frozen ones.
+        with sampling_mode([parts.unet, parts.vae, *parts.text_encoders], parts.weight_dtype):
             images = pipe(
                 prompt=[data.class_prompt] * len(chunk),
                 height=size,
