@@ -178,7 +178,7 @@ def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float 
     source = resolve_model_path(model)
     fmt = file_format(input_path)
     state = read_any(input_path, model)
-    pipe = fresh_pipeline(source)
+    pipe = fresh_pipeline(source, complete=True)  # the saved folder keeps every component of the base
     if (fmt == "peft" and diffusers_loadable(state.variant)) or (fmt == "kohya" and state.variant == "lora"):
         pipe.load_lora_weights(str(input_path), adapter_name="fuse")
         pipe.fuse_lora(lora_scale=scale, adapter_names=["fuse"])

@@ -46,11 +46,19 @@ class Check:
         return f"{self.path.name} via {self.loader}"
 
 
-def fresh_pipeline(source: str | Path, revision: str | None = None) -> Any:
-    """The stock pipeline of a model folder or hub id, fp32 on CPU, nothing loaded into it."""
+def fresh_pipeline(source: str | Path, revision: str | None = None, complete: bool = False) -> Any:
+    """The stock pipeline of a model folder or hub id, fp32 on CPU, nothing loaded into it.
+
+    Without `complete`, the safety checker is left out: it never touches UNet or text-encoder outputs.
+    """
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(source), revision=revision, dtype=torch.float32)
+    index = DiffusionPipeline.load_config(str(source), revision=revision)
+    names = () if complete else ("safety_checker", "feature_extractor")
+    skip: dict[str, Any] = {n: None for n in names if (index.get(n) or [None])[0]}
+    if "safety_checker" in skip:
+        skip["requires_safety_checker"] = False
+    pipe = DiffusionPipeline.from_pretrained(str(source), revision=revision, dtype=torch.float32, **skip)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
