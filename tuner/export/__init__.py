@@ -1,7 +1,8 @@
-"""Adapter export: LoRA files in diffusers/peft and kohya formats, their metadata, conversion, round-trip checks.
+"""Artifact export: adapter and embedding files in every ecosystem format, their metadata and round-trip checks.
 
-Public entry points: `export_lora` (write every format of a trained adapter, checked), `load_peft_adapter`
-(load a LoHa/LoKr peft-layout file into a stock pipeline), `export` (the `tuner export` command).
+LoRA entry points: `tuner.export.lora.export_lora` (write every format of a trained adapter, checked),
+`tuner.export.convert.export` (the `tuner export` command), and `load_peft_adapter` (load a LoHa/LoKr
+peft-layout file into a stock pipeline; it is what those files' `load` lines call).
 """
 
 from tuner.export.lora_diffusers import load_peft_adapter

@@ -127,6 +127,7 @@ def convert_lora(
         family, prediction = _family(model, header)
         stem = name or header.get("ss_output_name") or input_path.parent.name or input_path.stem
         target = _output_file(out, f"{stem}.safetensors")
+        _not_the_input(target, input_path)
         header.update(md.sd_version_metadata(family, prediction))
         header.update(md.network_metadata(state.summary(), _has_conv(state)))
         header.setdefault("modelspec.sai_model_spec", md.SPEC_VERSION)
@@ -137,15 +138,23 @@ def convert_lora(
         back = read_kohya(written, module_names(model, family.text_encoders), family.text_encoders) if model else None
     else:
         target = _output_file(out, peft_weight_name(state.variant))
+        _not_the_input(target, input_path)
         written = write_peft_file(LoraState(state.components, {}), target, header)
         back = read_peft_file(written)
-    if target.resolve() == input_path.resolve():
-        raise TunerError(f"--out {out}: would overwrite the input file")
     if back is not None:
         same_state(state, back)
     if model:
-        _check_loads(input_path, source_format, written, to, state.variant, model)
+        from tuner.models import resolve_model_path
+
+        fmt = "kohya" if to == "kohya" else "peft"
+        reference = _loader(input_path, source_format, state)
+        verify_files(resolve_model_path(model), reference, [_loader(written, fmt, state)])
     return written
+
+
+def _not_the_input(target: Path, input_path: Path) -> None:
+    if target.resolve() == input_path.resolve():
+        raise TunerError(f"--out {target}: would overwrite the input file; pick another path or --name")
 
 
 def _has_conv(state: LoraState) -> bool:
@@ -154,17 +163,16 @@ def _has_conv(state: LoraState) -> bool:
     return has_conv(state)
 
 
-def _loader(path: Path, fmt: str, variant: str) -> Check:
+def _loader(path: Path, fmt: str, state: LoraState, scale: float = 1.0) -> Check:
+    """How to load a file of this format and variant exactly (see `tuner.export.lora.KOHYA_TOOLS`)."""
+    from tuner.export.lora import uniform_alpha
+
+    variant = state.variant
     if fmt == "kohya":
-        return Check(path, "diffusers" if variant == "lora" else "merge", rtol=1e-4)
-    return Check(path, "diffusers" if diffusers_loadable(variant) else "peft", rtol=1e-4)
-
-
-def _check_loads(source: Path, source_format: str, written: Path, to: str, variant: str, model: str) -> None:
-    from tuner.models import resolve_model_path
-
-    fmt = "kohya" if to == "kohya" else "peft"
-    verify_files(resolve_model_path(model), _loader(source, source_format, variant), [_loader(written, fmt, variant)])
+        loader = "diffusers" if variant == "lora" and uniform_alpha(state) else "merge"
+    else:
+        loader = "diffusers" if diffusers_loadable(variant) else "peft"
+    return Check(path, loader, rtol=1e-4, scale=scale)
 
 
 def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float = 1.0) -> Path:
@@ -179,7 +187,7 @@ def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float 
     fmt = file_format(input_path)
     state = read_any(input_path, model)
     pipe = fresh_pipeline(source, complete=True)  # the saved folder keeps every component of the base
-    if (fmt == "peft" and diffusers_loadable(state.variant)) or (fmt == "kohya" and state.variant == "lora"):
+    if _loader(input_path, fmt, state).loader == "diffusers":
         pipe.load_lora_weights(str(input_path), adapter_name="fuse")
         pipe.fuse_lora(lora_scale=scale, adapter_names=["fuse"])
         pipe.unload_lora_weights()
@@ -188,8 +196,7 @@ def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float 
         apply_kohya(pipe, kohya_tensors(state, num_te), scale)
     pipe.save_pretrained(out, safe_serialization=True)
     del pipe
-    reference = _loader(input_path, fmt, state.variant)
-    reference = Check(reference.path, reference.loader, scale=scale)
+    reference = _loader(input_path, fmt, state, scale)
     verify_files(source, reference, [Check(out, "pipeline", rtol=1e-4)])
     return out
 

@@ -28,12 +28,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def exported(model_dir, out, variant="lora", rank=4, alpha=8.0, targets="attn"):
+def exported(model_dir, out, variant="lora", rank=4, alpha=8.0, targets="attn", **extra):
     """Write both files of a perturbed adapter (unchecked: the export tests cover that) and return `out`."""
     from trainers.lora import adapted_models, inject_lora
 
     table = {"rank": rank, "alpha": alpha, "variant": variant, "train_text_encoder": True}
-    table["unet_target_modules"] = targets
+    table.update(unet_target_modules=targets, **extra)
     config = RunConfig.for_method("lora").model_validate({"method": "lora", "lora": table})
     parts = load_parts(str(model_dir))
     gen = torch.Generator().manual_seed(1)
@@ -70,6 +70,19 @@ def test_diffusers_to_kohya_to_diffusers_keeps_tensors_alpha_and_metadata(tiny_m
     assert config["unet.lora_alpha"] == 8.0 and config["unet.r"] == 4 and config["text_encoder.lora_alpha"] == 8.0
     assert config["unet.use_dora"] == (variant == "dora")
     assert header(back)["modelspec.title"] == "toy"
+
+
+def test_per_module_alphas_survive_conversion_both_ways(tiny_models, tmp_path):
+    model = str(tiny_models["sd1"])
+    src = exported(model, tmp_path / "src", alpha_pattern={"attn2.to_v": 2.0, "k_proj": 1.0})
+    kohya = export(src / "pytorch_lora_weights.safetensors", "kohya", tmp_path / "k", model=model)
+    tensors = load_file(kohya)
+    assert tensors["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v.alpha"].item() == 2.0
+    assert tensors["lora_te_text_model_encoder_layers_1_self_attn_k_proj.alpha"].item() == 1.0
+    back = export(kohya, "diffusers", tmp_path / "d", model=model)  # checked by loading, as kohya tools would
+    config = json.loads(header(back)["lora_adapter_metadata"])
+    assert config["unet.lora_alpha"] == 8.0 and set(config["unet.alpha_pattern"].values()) == {2.0}
+    assert all(key.endswith("attn2.to_v") for key in config["unet.alpha_pattern"])
 
 
 def test_sdxl_family_comes_from_the_file_when_no_model_is_given(tiny_models, tmp_path):
