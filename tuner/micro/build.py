@@ -2,7 +2,8 @@
 
 render the training set -> `tuner.micro.init` (random SD1-architecture pipeline) -> `tuner train --preset
 micro-vae` (whole autoencoder) -> the trained VAE, with its measured latent scale, goes into the pipeline ->
-`tuner train --preset micro-base` (UNet + text encoder, captioned) -> the final diffusers folder. Each training
+`tuner train --preset micro-base` (UNet + text encoder, captioned) alongside `micro-vae` as decoder-only
+fine-tuning (frozen encoder, so the UNet's latents keep their meaning) -> the final diffusers folder. Each training
 stage runs as the plain `tuner train` command it prints, single-threaded (on 2 shared cores one thread per
 process is several times faster than two).
 """
@@ -22,6 +23,8 @@ import torch
 
 DATA_SEED = 1
 STATS_IMAGES = 256
+DECODER_SETS = ["decoder.train_whole_vae=false", "optimizer.learning_rate=1e-3", "train.checkpointing_steps=400"]
+"""Stage 3 is the micro-vae preset as plain decoder fine-tuning: the encoder, hence the UNet's latents, stays put."""
 
 
 def tuner_command(preset: str, model: Path, data: Path, out: Path, steps: int, extra: list[str]) -> list[str]:
@@ -30,17 +33,19 @@ def tuner_command(preset: str, model: Path, data: Path, out: Path, steps: int, e
             "--output-dir", str(out), *(a for s in sets for a in ("--set", s))]  # fmt: skip
 
 
-def run_stage(name: str, command: list[str], log: Path) -> float:
-    """Run one `tuner train` command with its output in `log`; returns the wall seconds it took."""
+def start_stage(name: str, command: list[str], log: Path) -> subprocess.Popen:
+    """Start one `tuner train` command, single-threaded, with its output in `log`."""
     shown = " ".join(["tuner", *command[3:]])
     print(f"[{name}] {shown}\n[{name}] log: {log}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.time()
-    with log.open("w") as handle:
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False)
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def finish_stage(name: str, process: subprocess.Popen, start: float, log: Path) -> float:
+    """Wait for a stage; returns its wall seconds."""
+    if process.wait():
+        raise SystemExit(f"[{name}] failed (exit {process.returncode}); see {log}")
     seconds = time.time() - start
-    if done.returncode:
-        raise SystemExit(f"[{name}] failed (exit {done.returncode}); see {log}")
     print(f"[{name}] done in {seconds / 60:.1f} min", flush=True)
     return seconds
 
@@ -69,15 +74,16 @@ def install_vae(pipe_dir: Path, vae_dir: Path, scale: float) -> None:
     vae.save_pretrained(pipe_dir / "vae", safe_serialization=True)
 
 
-def assemble(pipe_dir: Path, unet_run: Path, out_dir: Path) -> None:
-    """The final folder: trained UNet + text encoder from the stage-2 run, VAE, tokenizer and DDIM from `pipe_dir`."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def assemble(pipe_dir: Path, unet_run: Path, vae_dir: Path, out_dir: Path) -> None:
+    """The final folder: trained UNet + text encoder, the refined VAE, tokenizer and DDIM from `pipe_dir`."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None, requires_safety_checker=False)
     trained = unet_run / "pipeline" if (unet_run / "pipeline" / "model_index.json").is_file() else unet_run
     pipe.unet = UNet2DConditionModel.from_pretrained(trained / "unet")
     pipe.text_encoder = CLIPTextModel.from_pretrained(trained / "text_encoder")
+    pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
 
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8000, help="training images rendered (seed 1)")
     parser.add_argument("--vae-steps", type=int, help="stage-1 steps (default: the micro-vae preset's)")
     parser.add_argument("--unet-steps", type=int, help="stage-2 steps (default: the micro-base preset's)")
+    parser.add_argument("--decoder-steps", type=int, default=1500, help="stage-3 steps (decoder only, frozen encoder)")
+    parser.add_argument("--decoder-set", action="append", default=[], metavar="K=V", help="extra --set for stage 3")
     parser.add_argument("--vae-set", action="append", default=[], metavar="K=V", help="extra --set for stage 1")
     parser.add_argument("--unet-set", action="append", default=[], metavar="K=V", help="extra --set for stage 2")
     parser.add_argument("--install", action="store_true", help="also copy the result to tuner/micro/weights/micro")
@@ -107,34 +115,47 @@ def main(argv: list[str] | None = None) -> int:
         render_set(data, "base", args.images, seed=DATA_SEED)
     if not (init / "model_index.json").is_file():
         build_micro_pipeline(seed=0).save_pretrained(init, safe_serialization=True)
+    # unet and decoder run side by side: the decoder-only stage keeps the stage-1 encoder, so the latents the UNet
+    # learns stay valid while the decoder sharpens (one thread each uses both cores).
     stages = [
-        ("vae", "micro-vae", init, args.vae_steps, args.vae_set),
-        ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set]),
+        [("vae", "micro-vae", init, args.vae_steps, args.vae_set)],
+        [
+            ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set]),
+            ("decoder", "micro-vae", pipe, args.decoder_steps, [*DECODER_SETS, *args.decoder_set]),
+        ],
     ]
-    for name, preset, model, steps, extra in stages:  # fmt: skip
-        defaults = load_config(preset=preset).train
-        steps = steps or defaults.max_train_steps
-        batch = next((int(s.split("=")[1]) for s in extra if s.startswith("train.train_batch_size=")),
-                     defaults.train_batch_size)  # fmt: skip
-        command = tuner_command(preset, model, data, out / name, steps, extra)
-        commands.append("OMP_NUM_THREADS=1 " + " ".join(["tuner", *command[3:]]))
-        if (out / name / "artifact.json").is_file() and name in timings:
-            print(f"[{name}] reusing the finished run in {out / name}", flush=True)
-        else:
-            seconds = run_stage(name, command, out / f"{name}.log")
-            timings[name] = {"name": name, "preset": preset, "steps": steps, "batch": batch, "seconds": seconds}
+    for group in stages:
+        running = []
+        for name, preset, model, steps, extra in group:
+            defaults = load_config(preset=preset, sets=extra).train
+            steps = steps or defaults.max_train_steps
+            command = tuner_command(preset, model, data, out / name, steps, extra)
+            commands.append(
+                "OMP_NUM_THREADS=1 " + " ".join(["tuner", *command[3:]]) + (" &" if len(group) > 1 else "")
+            )
+            if (out / name / "artifact.json").is_file() and name in timings:
+                print(f"[{name}] reusing the finished run in {out / name}", flush=True)
+                continue
+            info = {"name": name, "preset": preset, "steps": steps, "batch": defaults.train_batch_size}
+            running.append((info, start_stage(name, command, out / f"{name}.log"), time.time()))
+        for info, process, start in running:
+            timings[info["name"]] = {
+                **info,
+                "seconds": finish_stage(info["name"], process, start, out / f"{info['name']}.log"),
+            }
             timings_path.write_text(json.dumps(timings, indent=1))
-        if name == "vae":
+        if group[0][0] == "vae":
             shutil.rmtree(pipe, ignore_errors=True)
             shutil.copytree(init, pipe)
             scale = latent_scale(out / "vae" / "vae", data)
             install_vae(pipe, out / "vae" / "vae", scale)
             print(f"[vae] latent scaling factor {scale:.4f}", flush=True)
             commands.append(f"# copy {out / 'vae' / 'vae'} into {pipe / 'vae'} with scaling_factor = {scale:.5f}")
-    assemble(pipe, out / "unet", out / "micro")
-    commands.append(f"# assemble {out / 'micro'}: {pipe} with unet/ and text_encoder/ from {out / 'unet'}")
+    assemble(pipe, out / "unet", out / "decoder" / "vae", out / "micro")
+    commands.append(f"# assemble {out / 'micro'}: {pipe} with unet/ and text_encoder/ from {out / 'unet'} and vae/ "
+                    f"from {out / 'decoder'}")  # fmt: skip
     summary = {
-        "stages": [timings["vae"], timings["unet"]],
+        "stages": [timings["vae"], timings["unet"], timings["decoder"]],
         "commands": [
             f"python -m tuner.micro.build {out}" + (" --install" if args.install else ""),
             "# which runs:",
