@@ -144,6 +144,14 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_sample)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tuner.export.convert import export
+
+    path = export(args.input, args.to, args.out, model=args.model, scale=args.scale, name=args.name)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from tuner import hub
 
@@ -182,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _sample_arguments(sub.add_parser("sample", help="render prompts x seeds x LoRA scales: PNGs and a grid"))
     _sample_arguments(sub.add_parser("grid", help="like sample, but write only the labeled grid.png"))
+
+    p = sub.add_parser("export", help="convert a LoRA between diffusers and kohya formats, or fuse it into a pipeline")
+    p.add_argument("input", metavar="INPUT", help="LoRA .safetensors file (diffusers/peft or kohya keys)")
+    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "fused"], help="target format")
+    p.add_argument("--out", required=True, help="output .safetensors file or folder (a folder for fused)")
+    p.add_argument("--model", help="base model; needed to read kohya files and to fuse")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA scale when fusing")
+    p.add_argument("--name", help="output file stem")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("publish", help="upload a finished run (artifacts, model card, grids) to a model hub")
     p.add_argument("run_dir", metavar="RUN_DIR", help="finished run folder (holds artifact.json)")

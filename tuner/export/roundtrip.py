@@ -236,7 +236,8 @@ def verify(
         got = outputs_of(lambda check=check: checked_pipeline(check, source, revision), probe)
         report[check.label], problems = compare(got, reference, base, check.rtol)
         failures += [f"{check.label}: {p}" for p in problems]
-        logger.info("round trip %s: %s", check.label, report[check.label])
+        worst = ", ".join(f"{part} {diff:.2g}" for part, diff in report[check.label].items())
+        logger.info("export check: %s reproduces the trained model (max difference: %s)", check.label, worst)
     if failures:
         raise TunerError("round-trip check failed (the exported files do not reproduce the trained model):\n  "
                          + "\n  ".join(failures))  # fmt: skip
