@@ -52,3 +52,25 @@ def toy_method():
     registry.register("toy", ToyTrainer)
     yield ToyTrainer
     registry._extra.pop("toy", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models run fastest so on 2 cores (OpenMP spin-waits cost more than they give),
+    and in-process and subprocess runs use the same kernels, bit for bit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Each in-process training run starts its own accelerate state (mixed precision differs between runs)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

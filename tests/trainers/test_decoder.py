@@ -27,24 +27,6 @@ seeds 0-3, +7.3 to +7.6 dB with the hand loop over seeds 0-3. A decoder that onl
 checker; what L1 alone or lr 5e-3 often gives) gains about +1.2 dB, so 3 dB tells the two apart with headroom."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run ~10x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def pattern(seed: int, size: int = SIZE) -> Image.Image:
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)

@@ -35,25 +35,10 @@ if not hasattr(loop_trainer, "register"):
     _spec.loader.exec_module(loop_trainer)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread here and in subprocesses: tiny models run fastest so (OpenMP spin-waits cost far more
-    than they give on 2 busy cores), and in-process and subprocess runs use the same kernels, bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
-def _registered_and_fresh_accelerate():
-    """Register the test trainer; let each in-process run start its own accelerate state (precision may differ)."""
-    from accelerate.state import AcceleratorState, GradientState
-
+def _registered():
+    """The test trainer is registered for every test here (subprocess runs register it themselves)."""
     loop_trainer.register()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -30,27 +30,6 @@ def tiny_family(info) -> str:
 
 
 @pytest.fixture(scope="module")
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread (OpenMP spin-waits cost more than they give on 2 busy cores)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def _fresh_accelerate():
-    """Each in-process run starts its own accelerate state: the presets differ in mixed precision."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Six captioned 64 px photos of one micro-world concept, shared by every test here."""
     from tuner.micro.render import render_set
@@ -301,7 +280,6 @@ def test_train_reports_a_bad_vram_clearly(capsys):
 # --- every preset trains --------------------------------------------------------------------------------------
 
 # Class images are generated after the full-DreamBooth trainer made the UNet fp32 beside bf16 frozen parts.
-@pytest.mark.usefixtures("_one_thread", "_fresh_accelerate")
 def test_class_images_are_generated_under_mixed_precision(tiny_models, photos, tmp_path):
     from tuner.loop import train
 
@@ -316,7 +294,6 @@ def test_class_images_are_generated_under_mixed_precision(tiny_models, photos, t
     assert len(list((tmp_path / "class").glob("*.png"))) == 1
 
 
-@pytest.mark.usefixtures("_one_thread", "_fresh_accelerate")
 @pytest.mark.parametrize("info", OURS, ids=lambda i: i.name)
 def test_preset_trains_two_steps_on_its_tiny_family(info, tiny_models, photos, tmp_path, capsys):
     out = tmp_path / "run"

@@ -19,15 +19,6 @@ from tuner.export.state import collect_state
 from tuner.models import load_parts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run many times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def exported(model_dir, out, variant="lora", rank=4, alpha=8.0, targets="attn", **extra):
     """Write both files of a perturbed adapter (unchecked: the export tests cover that) and return `out`."""
     from trainers.lora import adapted_models, inject_lora

@@ -23,15 +23,6 @@ from tuner.export.state import collect_state
 from tuner.models import load_parts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run many times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def adapted(model_dir, variant="lora", rank=4, alpha=8.0, te=True, targets="attn", seed=0, **extra):
     """Tiny parts with an injected, perturbed adapter, its run config and its collected state."""
     from trainers.lora import adapted_models, inject_lora
