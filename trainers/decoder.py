@@ -284,18 +284,17 @@ class DecoderTrainer(Trainer):
     def _sample_grid(self, parts: Parts, step: int, note: str = "") -> Image.Image:
         """prompts x seeds through the stock pipeline, decoded once by the base and once by the tuned VAE."""
         from tuner.grid import make_grid
-        from tuner.validation import render, sampling_mode, validation_pipeline, validation_prompt_list
+        from tuner.validation import (
+            render,
+            sampling_kwargs,
+            sampling_mode,
+            validation_pipeline,
+            validation_prompt_list,
+        )
 
         val = self.config.validation
         prompts, seeds = validation_prompt_list(self), list(val.seeds) or [0]
-        size = self.config.data.resolution
-        kwargs = dict(
-            negative_prompt=val.negative_prompt,
-            num_inference_steps=val.num_inference_steps,
-            guidance_scale=val.guidance_scale,
-            width=val.width or size,
-            height=val.height or size,
-        )
+        kwargs = sampling_kwargs(self.config)
         with sampling_mode([parts.unet, parts.vae, *parts.text_encoders], parts.weight_dtype):
             pipe = validation_pipeline(parts, val.scheduler)
             if self._base_samples is None:  # base UNet + base decoder never change: render them once
@@ -346,9 +345,7 @@ class DecoderTrainer(Trainer):
         ]
         extra = {"trained": self.trained_names, "round_trip_max_difference": max_diff}
         extra["metrics"] = {k: v for k, v in to_json(metrics).items() if k != "per_image"}
-        return Artifact(
-            self.name, parts.family.name, self.config.model.pretrained_model_name_or_path, files, extra=extra
-        )
+        return self.artifact(parts, files, extra=extra)
 
     def _export_vae(self, parts: Parts):
         """The VAE to write: the base VAE as stored on disk (so the frozen encoder is bitwise the original,

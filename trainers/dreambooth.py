@@ -97,7 +97,7 @@ class DreamBoothTrainer(Trainer):
     # --- contract -------------------------------------------------------------------------------------
     def prepare(self, parts: Parts) -> Trainables:
         cfg, data = self.method_config, self.config.data
-        identifier = identifier_of(data.instance_prompt or "", data.class_prompt, data.token)
+        identifier = self._identifier()
         for warning in check_identifier(parts, identifier) if identifier else []:
             log.warning("warning: %s", warning)
         if data.with_prior_preservation and data.prior_mode == "model":
@@ -161,16 +161,7 @@ class DreamBoothTrainer(Trainer):
             load = f'pipe = DiffusionPipeline.from_pretrained("{target}")'
             files = [ArtifactFile(str(target.relative_to(out_dir)), "diffusers-pipeline", load, ["diffusers"])]
         _check_same_unet(unet, reloaded)
-        return Artifact(
-            method=self.name,
-            family=parts.family.name,
-            base_model=base,
-            files=files,
-            trigger=identifier_of(
-                self.config.data.instance_prompt or "", self.config.data.class_prompt, self.config.data.token
-            ),
-            instance_prompt=self.config.data.instance_prompt,
-        )
+        return self.artifact(parts, files, self._identifier())
 
     def validation_prompts(self) -> list[str]:
         data = self.config.data
@@ -206,17 +197,13 @@ class DreamBoothTrainer(Trainer):
     def _save_lora(self, parts: Parts, out_dir: Path) -> Artifact:
         from trainers.lora import save_lora
 
-        files = save_lora(parts, self._lora_settings(), self.config, out_dir)
+        extra: dict[str, Any] = {"lora": True}
+        files = save_lora(parts, self._lora_settings(), self.config, out_dir, extra)
+        return self.artifact(parts, files, self._identifier(), extra)
+
+    def _identifier(self) -> str | None:
         data = self.config.data
-        return Artifact(
-            method=self.name,
-            family=parts.family.name,
-            base_model=self.config.model.pretrained_model_name_or_path,
-            files=files,
-            trigger=identifier_of(data.instance_prompt or "", data.class_prompt, data.token),
-            instance_prompt=data.instance_prompt,
-            extra={"lora": True},
-        )
+        return identifier_of(data.instance_prompt or "", data.class_prompt, data.token)
 
 
 def _check_same_unet(trained: torch.nn.Module, reloaded: torch.nn.Module) -> None:

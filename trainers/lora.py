@@ -289,13 +289,4 @@ class LoraTrainer(Trainer):
     def save(self, parts: Parts, out_dir: Path) -> Artifact:
         extra: dict[str, Any] = {}
         files = save_lora(parts, self.method_config, self.config, out_dir, extra)
-        data = self.config.data
-        return Artifact(
-            method=self.name,
-            family=parts.family.name,
-            base_model=self.config.model.pretrained_model_name_or_path,
-            files=files,
-            trigger=trigger_words(self.config),
-            instance_prompt=data.instance_prompt,
-            extra=extra,
-        )
+        return self.artifact(parts, files, trigger_words(self.config), extra)

@@ -231,15 +231,7 @@ class TextualInversionTrainer(Trainer):
                 parts, cfg.lora.model_copy(update={"output_name": name}), self.config, out_dir, lora_report
             )
             extra.update(pivotal_ti_steps=cfg.pivotal_ti_steps, lora=lora_report)
-        return Artifact(
-            method=self.name,
-            family=parts.family.name,
-            base_model=self.config.model.pretrained_model_name_or_path,
-            files=artifact_list,
-            trigger=self.token,
-            instance_prompt=self.config.data.instance_prompt,
-            extra=extra,
-        )
+        return self.artifact(parts, artifact_list, self.token, extra)
 
     def set_adapter_scale(self, parts: Parts, scale: float) -> bool:
         """Interpolate the new rows from their start (scale 0: the initializer word, i.e. the base model's

@@ -106,6 +106,20 @@ class Trainer:
         """Write every output format into `out_dir`, check each loads back, and describe them."""
         raise NotImplementedError
 
+    def artifact(
+        self, parts: Parts, files: list[ArtifactFile], trigger: str | None = None, extra: dict[str, Any] | None = None
+    ) -> Artifact:
+        """The record `save` returns: this method, the base model and its family, and what was written."""
+        return Artifact(
+            method=self.name,
+            family=parts.family.name,
+            base_model=self.config.model.pretrained_model_name_or_path,
+            files=files,
+            trigger=trigger,
+            instance_prompt=self.config.data.instance_prompt,
+            extra=extra or {},
+        )
+
     # --- optional -------------------------------------------------------------------------------------
     def load(self, parts: Parts, directory: Path) -> None:
         """Restore trainer-owned state that is not a trainable parameter (the loop restores parameters)."""

@@ -118,6 +118,18 @@ def sampling_mode(modules: Sequence[torch.nn.Module], dtype: torch.dtype = torch
         _set_rng_states(states)
 
 
+def sampling_kwargs(config: Any) -> dict[str, Any]:
+    """`render` keyword arguments from `[validation]`; the size defaults to the training resolution."""
+    val, size = config.validation, config.data.resolution
+    return dict(
+        negative_prompt=val.negative_prompt,
+        num_inference_steps=val.num_inference_steps,
+        guidance_scale=val.guidance_scale,
+        width=val.width or size,
+        height=val.height or size,
+    )
+
+
 def render_validation_grid(trainer: Trainer, parts: Parts, step: int) -> Image.Image | None:
     """prompts x (scales or base/tuned) x seeds as one labeled grid, or None when validation is off.
 
@@ -140,14 +152,7 @@ def render_validation_grid(trainer: Trainer, parts: Parts, step: int) -> Image.I
         )
     if not seeds:
         raise TunerError("validation.seeds is empty; give at least one seed or set validation.enabled = false")
-    size = config.data.resolution
-    kwargs = dict(
-        negative_prompt=val.negative_prompt,
-        num_inference_steps=val.num_inference_steps,
-        guidance_scale=val.guidance_scale,
-        width=val.width or size,
-        height=val.height or size,
-    )
+    kwargs = sampling_kwargs(config)
     modules = [parts.unet, parts.vae, *parts.text_encoders]
     scales = list(val.scales) or [1.0]
     column_sets: list[tuple[str, list[list[Image.Image]]]] = []
