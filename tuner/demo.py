@@ -93,7 +93,11 @@ def _judge(model: str, run: Path, token: str) -> dict:
     pipe = load_pipeline(model)
     names = load_loras(pipe, [lora_file(run)])
     print("judging samples of the tuned and base model ...", flush=True)
-    return judge_subject(pipe, lambda s: set_lora_scale(pipe, names, s), token=token).to_dict()
+    def pipe_at(scale: float):
+        set_lora_scale(pipe, names, scale)
+        return pipe
+
+    return judge_subject(pipe_at, token=token).to_dict()
 
 
 def _explain(run: Path, photos: Path, metrics: dict) -> None:

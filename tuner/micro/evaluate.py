@@ -63,8 +63,7 @@ def _render(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int,
 
 
 def judge_subject(
-    pipe: Any,
-    set_scale: Callable[[float], None],
+    pipe_at: Callable[[float], Any],
     token: str = "sks",
     seeds: Sequence[int] = (0, 1, 2, 3),
     steps: int = 20,
@@ -72,13 +71,16 @@ def judge_subject(
     size: int = 64,
     judge: Judge | None = None,
 ) -> SubjectMetrics:
-    """Score `pipe` at scale 1 (tuned) and 0 (base) with the micro-world judge."""
+    """Score the tuned model (`pipe_at(1.0)`) against the base (`pipe_at(0.0)`) with the micro-world judge.
+
+    `pipe_at(scale)` returns a pipeline ready to sample at that adapter scale: the same pipeline with its LoRA
+    scaled, or two pipelines (full fine-tuning, or an embedding loaded only into the tuned one).
+    """
     judge = judge or Judge()
     instance, contexts, classes = subject_prompts(token)
 
     def fraction(prompts, scale, test) -> float:
-        set_scale(scale)
-        images = _render(pipe, prompts, seeds, steps, guidance, size)
+        images = _render(pipe_at(scale), prompts, seeds, steps, guidance, size)
         labels = [p for p in prompts for _ in seeds]
         hits = [test(judge.judge(img), label) for img, label in zip(images, labels)]
         return sum(hits) / max(len(hits), 1)
@@ -91,7 +93,7 @@ def judge_subject(
     class_rate = fraction(classes, 1.0, has_subject)
     base_class = fraction(classes, 0.0, has_subject)
     base_fidelity = fraction(instance, 0.0, has_subject)
-    set_scale(1.0)
+    pipe_at(1.0)
     total = len(seeds) * (2 * len(instance) + len(contexts) + 2 * len(classes))
     return SubjectMetrics(
         fidelity=fidelity,
@@ -101,3 +103,30 @@ def judge_subject(
         base_fidelity=base_fidelity,
         samples=total,
     )
+
+
+STYLE_PROMPTS = (
+    "a red circle on a white background",
+    "a blue star on a yellow background",
+    "a green square on a black background",
+)
+
+
+def judge_style(
+    pipe_at: Callable[[float], Any],
+    style: str = "mosaic",
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    steps: int = 20,
+    guidance: float = 4.0,
+    size: int = 64,
+    judge: Judge | None = None,
+) -> dict[str, float]:
+    """Fraction of `... in <style> style` samples the judge calls `style`, tuned vs base."""
+    judge = judge or Judge()
+    prompts = [f"{p} in {style} style" for p in STYLE_PROMPTS]
+    out = {}
+    for name, scale in (("style_adherence", 1.0), ("base_style_adherence", 0.0)):
+        images = _render(pipe_at(scale), prompts, seeds, steps, guidance, size)
+        out[name] = sum(judge.judge(img)["style"] == style for img in images) / len(images)
+    pipe_at(1.0)
+    return out
