@@ -137,7 +137,13 @@ def report(args, rows, seconds: float, build: dict | None) -> str:
         lines.append(f"| {g:g} | {fresh['shape']:.3f} | {fresh['color']:.3f} | {fresh['background']:.3f} | "
                      f"{fresh['shape+color']:.3f} | {fresh['all three']:.3f} | {circle['shape+color']:.3f} | "
                      f"{circle['all three']:.3f} |")  # fmt: skip
-    lines += ["", "Targets (issue 11): shape+color on fresh prompts >= 0.8; red circle >= 0.8 of seeds.", ""]
+    lines += [
+        "",
+        "Targets (issue 11): shape+color on fresh prompts >= 0.8; red circle >= 0.8 of seeds. Chance (a model that "
+        f"ignores the prompt): shape 1/{len(world.SHAPES)}, color and background 1/{len(world.COLORS)}, shape+color "
+        f"{1 / (len(world.SHAPES) * len(world.COLORS)):.2f}.",
+        "",
+    ]
     if build:
         lines += ["## Training", "", *build.get("notes", []), "", "| stage | preset | steps | batch | wall time |",
                   "|---|---|---|---|---|"]  # fmt: skip
