@@ -45,12 +45,15 @@ def tiny_vae(scaling_factor: float = 0.18215, seed: int = 0) -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(vocab_size: int, hidden: int = 32, projection: bool = False, seed: int = 0, act="quick_gelu"):
+def tiny_text_encoder(
+    vocab_size: int, hidden: int = 32, projection: bool = False, seed: int = 0, act="quick_gelu", mlp_ratio: int = 2
+):
+    """A 2-layer CLIP text encoder (with a projection head for SDXL's second encoder)."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=hidden * mlp_ratio,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,

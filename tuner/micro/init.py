@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from tuner.micro.world import WORDS
+from tuner.tiny import tiny_text_encoder
 from tuner.tokenizer import build_tokenizer
 
 EXTRA_WORDS = ["sks", "the", "an", "with", "picture", "image", "drawing", "painting"]
@@ -64,21 +65,7 @@ def micro_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def micro_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=TEXT_WIDTH * 4,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=TEXT_WIDTH,
-        hidden_act="quick_gelu",
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    return CLIPTextModel(config)
+    return tiny_text_encoder(vocab_size, hidden=TEXT_WIDTH, seed=seed, mlp_ratio=4)
 
 
 def build_micro_pipeline(seed: int = 0) -> StableDiffusionPipeline:
