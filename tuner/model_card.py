@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tuner.models import BUILTIN_PREFIX
 from tuner.trainer import Artifact
 
 logger = logging.getLogger(__name__)
@@ -25,10 +26,16 @@ FAMILY_TAGS = {"sd1": ["stable-diffusion", "stable-diffusion-diffusers"],
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 METHOD_NAMES = {"lora": "LoRA adapter", "dreambooth": "DreamBooth fine-tune",
                 "textual_inversion": "textual-inversion embedding", "decoder": "fine-tuned VAE decoder"}  # fmt: skip
-WEBUI_FOLDERS = {"lora": ("models/Lora", "models/loras"),
-                 "textual_inversion": ("embeddings", "models/embeddings"),
-                 "dreambooth": ("models/Stable-diffusion", "models/checkpoints"),
-                 "decoder": ("models/VAE", "models/vae")}  # fmt: skip
+# (file-format marker, (A1111/Forge folder, ComfyUI folder)); the first marker found in a file's format wins.
+WEBUI_FOLDERS = (("vae", ("models/VAE", "models/vae")),
+                 ("textual_inversion", ("embeddings", "models/embeddings")),
+                 ("lora", ("models/Lora", "models/loras")), ("lycoris", ("models/Lora", "models/loras")),
+                 ("", ("models/Stable-diffusion", "models/checkpoints")))  # fmt: skip
+
+
+def webui_folders(file_format: str) -> tuple[str, str]:
+    """Where A1111/Forge and ComfyUI expect a file of this format (a LoRA goes to Lora whatever the method)."""
+    return next(folders for marker, folders in WEBUI_FOLDERS if marker in file_format.lower())
 
 
 def _is_hub_id(value: str) -> bool:
@@ -92,7 +99,10 @@ def _snippet(load: str, base: str, prompt: str) -> str:
     """A runnable example: build or load `pipe`, apply the artifact, render the first validation prompt."""
     load = load.replace("; ", "\n")
     assigned = re.match(r"\s*(\w+)\s*=", load)
-    auto = f"AutoPipelineForText2Image.from_pretrained({json.dumps(base)}"
+    # A built-in base (`builtin:micro`) is a folder inside the tuner package, not a hub id.
+    name = base.removeprefix(BUILTIN_PREFIX)
+    where = f"builtin_model_path({json.dumps(name)})" if base.startswith(BUILTIN_PREFIX) else json.dumps(base)
+    auto = f"AutoPipelineForText2Image.from_pretrained({where}"
     if re.search(r"^\s*pipe\s*=", load, re.M):
         body = [load, 'pipe = pipe.to("cuda")']
     elif assigned and "pipe." not in load:  # a component (vae, unet) the pipeline is built around
@@ -107,6 +117,7 @@ def _snippet(load: str, base: str, prompt: str) -> str:
     imports += [f"from huggingface_hub import {', '.join(hub)}"] if hub else []
     classes = sorted(set(re.findall(r"\b([A-Z]\w+)\.from_\w+\(", code)))
     imports += [f"from diffusers import {', '.join(classes)}"] if classes else []
+    imports += ["from tuner.models import builtin_model_path"] if "builtin_model_path(" in code else []
     return "\n".join([*imports, "", code])
 
 
@@ -201,14 +212,15 @@ def render_card(
             body += [f"`{f.path}` ({f.format}):", "", "```py", code, "```", ""]
     webui = [f for f in artifact.files if any(t.lower().startswith(WEBUI_TOOLS) for t in f.tools)]
     if webui:
-        a1111, comfy = WEBUI_FOLDERS.get(artifact.method, ("models", "models"))
         body += ["## A1111, Forge and ComfyUI", ""]
         for f in webui:
+            a1111, comfy = webui_folders(f.format)
             tools = ", ".join(t for t in f.tools if t.lower().startswith(WEBUI_TOOLS))
             body += [f"- `{f.path}` ({f.format} format; loads in {tools}): put it in `{a1111}` (A1111/Forge) "
                      f"or `{comfy}` (ComfyUI)."]  # fmt: skip
-        if artifact.method == "lora":
-            body += [f"- In A1111 prompts write `<lora:{Path(webui[0].path).stem}:1>` next to the trigger words."]
+        loras = [f for f in webui if webui_folders(f.format)[0] == "models/Lora"]
+        if loras:
+            body += [f"- In A1111 prompts write `<lora:{Path(loras[0].path).stem}:1>` next to the trigger words."]
         body += [""]
     if images:
         body += ["## Validation", "", f"![validation grid]({images[0]})", ""]
