@@ -328,3 +328,12 @@ def test_folder_artifacts_upload_whole_and_load_by_subfolder(tmp_path, hub_env):
     assert 'UNet2DConditionModel.from_pretrained("me/db", subfolder="unet")' in card.text
     assert "from diffusers import DiffusionPipeline, UNet2DConditionModel" in card.text
     assert {"dreambooth", "stable-diffusion-xl"} <= set(card.data.tags) and "widget" not in card.data.to_dict()
+
+
+def test_webui_folders_follow_the_file_format_not_the_method():
+    from tuner.model_card import webui_folders
+
+    assert webui_folders("kohya-lora") == ("models/Lora", "models/loras")  # DreamBooth-LoRA files too
+    assert webui_folders("textual_inversion/portable") == ("embeddings", "models/embeddings")
+    assert webui_folders("ldm-vae-safetensors") == ("models/VAE", "models/vae")
+    assert webui_folders("diffusers-pipeline") == ("models/Stable-diffusion", "models/checkpoints")
