@@ -104,16 +104,22 @@ def name_table(module_names: dict[str, list[str]], num_text_encoders: int) -> di
     }
 
 
+def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`lora_unet_x.lora_down.weight` -> {"lora_unet_x": {"lora_down.weight": ...}}."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = tensor
+    return grouped
+
+
 def read_kohya(path: str | Path, module_names: dict[str, list[str]], num_text_encoders: int) -> LoraState:
     """Read a kohya/LyCORIS file written for the base model whose module names are given."""
     tensors, header = read_kohya_tensors(path)
     if not is_kohya(list(tensors)):
         raise TunerError(f"{path}: not a kohya LoRA file (keys must start with lora_unet_, lora_te_, lora_te1/2_)")
     table = name_table(module_names, num_text_encoders)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name, _, suffix = key.partition(".")
-        grouped.setdefault(name, {})[suffix] = tensor
+    grouped = group_by_module(tensors)
     unknown = sorted(name for name in grouped if name not in table)
     if unknown:
         raise TunerError(

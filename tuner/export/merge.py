@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tuner.errors import TunerError
-from tuner.export.lora_kohya import kohya_name, read_kohya_tensors
+from tuner.export.lora_kohya import group_by_module, kohya_name, read_kohya_tensors
 from tuner.export.state import COMPONENTS, module_paths
 
 
@@ -73,10 +73,7 @@ def apply_kohya(pipe: Any, source: str | Path | dict[str, torch.Tensor], scale: 
         model = getattr(pipe, component, None)
         if model is not None:
             table.update({kohya_name(component, p, num_te): m for p, m in module_paths(model, component).items()})
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name, _, suffix = key.partition(".")
-        grouped.setdefault(name, {})[suffix] = tensor
+    grouped = group_by_module(tensors)
     missing = sorted(name for name in grouped if name not in table)
     if missing:
         raise TunerError(f"{path}: {len(missing)} module(s) not in this pipeline, e.g. {missing[:3]}")
