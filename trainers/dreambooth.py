@@ -112,6 +112,9 @@ class DreamBoothTrainer(Trainer):
             parts.unet.to(torch.float32)
             groups = [{"name": "unet", "params": [p for p in parts.unet.parameters() if p.requires_grad], "lr": lr}]
         modules: dict[str, Any] = {"unet": parts.unet}
+        if self._te_trains:
+            # Trained text encoders (whole, or their LoRA) go to accelerate too, so DDP syncs them like the UNet.
+            modules.update(parts.text_encoder_modules())
         if self._te_trains and not cfg.lora:
             for i, encoder in enumerate(parts.text_encoders):
                 encoder.requires_grad_(True)

@@ -263,8 +263,7 @@ class LoraTrainer(Trainer):
         groups = inject_lora(parts, cfg, self.config)
         modules: dict[str, nn.Module] = {"unet": parts.unet}
         if cfg.train_text_encoder:
-            for index, encoder in enumerate(parts.text_encoders):
-                modules["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = encoder
+            modules.update(parts.text_encoder_modules())
         needs = {"latents", "input_ids" if cfg.train_text_encoder else "text_embeds"}
         return Trainables(modules=modules, param_groups=groups, needs=frozenset(needs))
 

@@ -126,6 +126,10 @@ class Parts:
     def text_encoder(self) -> nn.Module:
         return self.text_encoders[0]
 
+    def text_encoder_modules(self) -> dict[str, nn.Module]:
+        """The text encoders keyed as `Trainables.modules` expects (`text_encoder`, `text_encoder_2`, ...)."""
+        return {"text_encoder" if i == 0 else f"text_encoder_{i + 1}": m for i, m in enumerate(self.text_encoders)}
+
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
