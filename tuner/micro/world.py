@@ -271,23 +271,24 @@ class Pattern:
             if self.pattern == "stripes":
                 second = (u / self.period) % 1.0 < 0.5
             else:
-                second = (np.floor(u / self.period) + np.floor(v / self.period)) % 2 == 1
+                cell = self.period / 2
+                second = (np.floor(u / cell) + np.floor(v / cell)) % 2 == 1
             return _finish(np.where(second[..., None], b, a))
         rng = np.random.default_rng(self.seed)
-        if self.pattern == "noise":  # per-pixel blend between the two colors plus color grain
-            t = rng.random((SIZE, SIZE, 1), dtype=np.float32)
-            grain = rng.normal(0.0, 25.0, (SIZE, SIZE, 3)).astype(np.float32)
-            return Image.fromarray(np.clip(np.rint(a + t * (b - a) + grain), 0, 255).astype(np.uint8))
-        # glyphs: rows of tiny 3x5 bitmap "letters" with word gaps, like small print
-        glyphs = rng.random((16, 5, 3)) < 0.55
+        if self.pattern == "noise":  # blocky value noise between the two colors, half a period per cell
+            cell = self.period / 2
+            t = rng.random((math.ceil(SIZE / cell),) * 2, dtype=np.float32)
+            return _finish(a + t[(_GRID_Y // cell).astype(int), (_GRID_X // cell).astype(int)][..., None] * (b - a))
+        # glyphs: rows of 3x5 bitmap "letters" drawn at 2 px per dot, with word gaps, like print
+        glyphs = (rng.random((16, 5, 3)) < 0.55).repeat(2, axis=1).repeat(2, axis=2)
         image = np.empty((SIZE, SIZE, 3), np.float32)
         image[:] = a
-        for top in range(2, SIZE - 5, 7):
-            for left in range(2, SIZE - 3, 4):
+        for top in range(2, SIZE - 10, 13):
+            for left in range(1, SIZE - 6, 8):
                 if rng.random() < 0.15:
                     continue
                 cell = glyphs[rng.integers(len(glyphs))]
-                image[top : top + 5, left : left + 3][cell] = b
+                image[top : top + 10, left : left + 6][cell] = b
         return Image.fromarray(np.rint(image).astype(np.uint8))
 
     def caption(self, token: str | None = None) -> str:
@@ -353,11 +354,15 @@ def sample_style_scene(rng: np.random.Generator, *, style: str | None = None) ->
 
 
 def sample_pattern(rng: np.random.Generator) -> Pattern:
-    """A domain image: fine stripes, small checks, color noise or glyph rows in two palette colors."""
+    """A domain image: fine stripes, small checks, blocky color noise or glyph rows in two palette colors.
+
+    Periods of 5-9 px put the detail at the latent grid's scale (4 px): the latent can hold it, the base decoder,
+    which never saw such patterns, renders it soft, so a decoder fine-tune has something to learn. Finer detail
+    (or per-pixel grain) would be lost in the encoder, where no decoder can win it back."""
     pattern = _pick(rng, PATTERNS)
     first = _pick(rng, COLORS)
     second = _pick(rng, tuple(c for c in COLORS if c != first))
-    period = round(float(rng.uniform(2.0, 4.0)), 3)
+    period = round(float(rng.uniform(8.0, 14.0)), 3)
     angle = round(float(rng.uniform(0.0, 180.0)), 3)
     return Pattern(pattern, (first, second), period, angle, int(rng.integers(2**31)))
 
