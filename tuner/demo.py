@@ -93,6 +93,7 @@ def _judge(model: str, run: Path, token: str) -> dict:
     pipe = load_pipeline(model)
     names = load_loras(pipe, [lora_file(run)])
     print("judging samples of the tuned and base model ...", flush=True)
+
     def pipe_at(scale: float):
         set_lora_scale(pipe, names, scale)
         return pipe

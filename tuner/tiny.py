@@ -46,7 +46,13 @@ def tiny_vae(scaling_factor: float = 0.18215, seed: int = 0) -> AutoencoderKL:
 
 
 def tiny_text_encoder(
-    vocab_size: int, hidden: int = 32, projection: bool = False, seed: int = 0, act="quick_gelu", mlp_ratio: int = 2
+    vocab_size: int,
+    hidden: int = 32,
+    projection: bool = False,
+    seed: int = 0,
+    act="quick_gelu",
+    mlp_ratio: int = 2,
+    max_tokens: int = 77,
 ):
     """A 2-layer CLIP text encoder (with a projection head for SDXL's second encoder)."""
     torch.manual_seed(seed)
@@ -56,7 +62,7 @@ def tiny_text_encoder(
         intermediate_size=hidden * mlp_ratio,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=max_tokens,
         projection_dim=hidden,
         hidden_act=act,
         bos_token_id=vocab_size - 2,

@@ -2,11 +2,10 @@
 
 render the training set -> `tuner.micro.init` (random SD1-architecture pipeline) -> `tuner train --preset
 micro-vae` (whole autoencoder) -> the trained VAE, with its measured latent scale, goes into the pipeline ->
-`tuner train --preset micro-base` (UNet + text encoder, captioned) alongside `micro-vae` as decoder-only
-fine-tuning (frozen encoder, so the UNet's latents keep their meaning) -> `micro-base` again from stage 2's
-model with a higher text-encoder learning rate -> the final diffusers folder. Each training
-stage runs as the plain `tuner train` command it prints, single-threaded (on 2 shared cores one thread per
-process is several times faster than two).
+`tuner train --preset micro-base` (UNet + text encoder from random init, captioned) alongside `micro-vae` as
+decoder-only fine-tuning (frozen encoder, so the UNet's latents keep their meaning) -> the final diffusers
+folder. Each training stage runs as the plain `tuner train` command it prints, single-threaded (on 2 shared cores
+one thread per process is several times faster than two).
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ DATA_SEED = 1
 STATS_IMAGES = 256
 DECODER_SETS = ["decoder.train_whole_vae=false", "optimizer.learning_rate=1e-3", "train.checkpointing_steps=400"]
 """Stage 3 is the micro-vae preset as plain decoder fine-tuning: the encoder, hence the UNet's latents, stays put."""
-UNET2_SETS = ["optimizer.learning_rate=8e-4", "optimizer.text_encoder_lr=2e-3", "optimizer.lr_warmup_steps=50"]
-"""Stage 4 continues stage 2's model with a 7x text-encoder learning rate: at the preset's 3e-4 the random-init text
-encoder barely moved in 1,000 steps and the UNet ignored the prompt."""
 
 
 def tuner_command(preset: str, model: Path, data: Path, out: Path, steps: int, extra: list[str]) -> list[str]:
@@ -98,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8000, help="training images rendered (seed 1)")
     parser.add_argument("--vae-steps", type=int, help="stage-1 steps (default: the micro-vae preset's)")
     parser.add_argument("--unet-steps", type=int, help="stage-2 steps (default: the micro-base preset's)")
-    parser.add_argument("--unet2-steps", type=int, default=1100, help="stage-4 steps (UNet + text encoder, again)")
-    parser.add_argument("--unet2-set", action="append", default=[], metavar="K=V", help="extra --set for stage 4")
     parser.add_argument("--decoder-steps", type=int, default=1500, help="stage-3 steps (decoder only, frozen encoder)")
     parser.add_argument("--decoder-set", action="append", default=[], metavar="K=V", help="extra --set for stage 3")
     parser.add_argument("--vae-set", action="append", default=[], metavar="K=V", help="extra --set for stage 1")
@@ -129,15 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set]),
             ("decoder", "micro-vae", pipe, args.decoder_steps, [*DECODER_SETS, *args.decoder_set]),
         ],
-        [
-            (
-                "unet2",
-                "micro-base",
-                out / "unet" / "pipeline",
-                args.unet2_steps,
-                [f"data.cache_dir={out / 'cache'}", *UNET2_SETS, *args.unet2_set],
-            )
-        ],
     ]
     for group in stages:
         running = []
@@ -166,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             install_vae(pipe, out / "vae" / "vae", scale)
             print(f"[vae] latent scaling factor {scale:.4f}", flush=True)
             commands.append(f"# copy {out / 'vae' / 'vae'} into {pipe / 'vae'} with scaling_factor = {scale:.5f}")
-    assemble(pipe, out / "unet2", out / "decoder" / "vae", out / "micro")
-    commands.append(f"# assemble {out / 'micro'}: {pipe} with unet/ and text_encoder/ from {out / 'unet2'} and vae/ "
+    assemble(pipe, out / "unet", out / "decoder" / "vae", out / "micro")
+    commands.append(f"# assemble {out / 'micro'}: {pipe} with unet/ and text_encoder/ from {out / 'unet'} and vae/ "
                     f"from {out / 'decoder'}")  # fmt: skip
     summary = {
-        "stages": [timings[name] for name in ("vae", "unet", "decoder", "unet2")],
+        "stages": [timings[name] for name in ("vae", "unet", "decoder")],
         "commands": [
             f"python -m tuner.micro.build {out}" + (" --install" if args.install else ""),
             "# which runs:",

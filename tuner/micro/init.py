@@ -21,6 +21,11 @@ from tuner.tokenizer import build_tokenizer
 EXTRA_WORDS = ["sks", "the", "an", "with", "picture", "image", "drawing", "painting"]
 """Rare identifier and a few everyday words, so personalization prompts tokenize one word per token."""
 TEXT_WIDTH = 64
+MAX_TOKENS = 20
+"""Prompt length in tokens, BOS and EOS included. The micro world's longest prompts (a personalization prompt with a
+four-vector textual-inversion token) take 15. Untrained cross-attention averages over every position, so at SD's 77
+the ~9 content tokens of a caption would be drowned by ~68 identical padding tokens and the UNet learns to read the
+text far more slowly."""
 SCALING_FACTOR = 1.0  # placeholder; the build measures the trained VAE's latent std and writes 1/std here
 
 
@@ -65,12 +70,12 @@ def micro_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def micro_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
-    return tiny_text_encoder(vocab_size, hidden=TEXT_WIDTH, seed=seed, mlp_ratio=4)
+    return tiny_text_encoder(vocab_size, hidden=TEXT_WIDTH, seed=seed, mlp_ratio=4, max_tokens=MAX_TOKENS)
 
 
 def build_micro_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """The untrained micro pipeline (seeded): what the recipe starts from."""
-    tokenizer = build_tokenizer(list(dict.fromkeys([*WORDS, *EXTRA_WORDS])))
+    tokenizer = build_tokenizer(list(dict.fromkeys([*WORDS, *EXTRA_WORDS])), max_length=MAX_TOKENS)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,

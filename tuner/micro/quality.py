@@ -1,0 +1,100 @@
+"""Train each method from its `micro-*` preset on an example set and judge what it learned.
+
+The library half of `bench/quality.py` (which writes the results table) and of the in-suite quality test (which
+runs it with fewer steps and seeds): one place decides how a method is trained and scored.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DATASETS = Path(__file__).resolve().parents[2] / "datasets"
+SUBJECT = "sks"
+
+RUNS = {
+    "dreambooth": ("micro-subject-dreambooth", "micro-subject", "full"),
+    "dreambooth-lora": ("micro-subject-lora", "micro-subject", "lora"),
+    "textual-inversion": ("micro-subject-ti", "micro-subject", "embedding"),
+    "pivotal": ("micro-subject-pivotal", "micro-subject", "embedding+lora"),
+    "style-lora": ("micro-style-lora", "micro-style", "style"),
+    "decoder": ("micro-decoder", "micro-domain", "decoder"),
+}
+"""name: (preset, example set in datasets/, how it is scored)."""
+TARGETS = {
+    "dreambooth-lora": "fidelity ≥ 0.8, context ≥ 0.7, prior drift ≤ 0.1",
+    "textual-inversion": "fidelity ≥ 0.6",
+    "style-lora": "style adherence ≥ 0.8",
+    "decoder": "+2 dB held-out PSNR",
+}
+
+
+def train_method(name: str, model: str, out: Path, steps_scale: float = 1.0, datasets: Path = DATASETS):
+    """Train `name` from its preset into `out/name`; returns (run folder, training seconds, config)."""
+    from tuner.config import load_config
+    from tuner.loop import train
+
+    preset, folder, _ = RUNS[name]
+    run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    data = {"path": str(datasets / folder), "cache_dir": str(out / "cache"), "class_data_dir": str(out / "class")}
+    overrides = {
+        "model": {"pretrained_model_name_or_path": model},
+        "data": data,
+        "train": {"output_dir": str(run_dir), "report_to": "none"},
+    }
+    config = load_config(preset=preset, overrides=overrides)
+    config.train.max_train_steps = max(1, round(config.train.max_train_steps * steps_scale))
+    started = time.perf_counter()
+    train(config)
+    _reset_accelerate()
+    return run_dir, time.perf_counter() - started, config
+
+
+def _reset_accelerate() -> None:
+    """Runs in one process share accelerate's singletons; the next `train` must start from a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def score_method(name: str, model: str, run_dir: Path, config, seeds: Sequence[int] = (0, 1, 2, 3)) -> dict[str, Any]:
+    """The method's figures: judge scores of tuned vs base samples, or the decoder's held-out PSNR/SSIM gain."""
+    from diffusers import DiffusionPipeline
+
+    from tuner.micro.evaluate import judge_style, judge_subject
+    from tuner.sampling import Embedding, load_embedding, load_loras, load_pipeline, lora_file
+
+    kind = RUNS[name][2]
+    if kind == "decoder":
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        return {
+            "base_psnr": metrics["base"]["psnr"],
+            "tuned_psnr": metrics["tuned"]["psnr"],
+            "psnr_gain_db": metrics["gain"]["psnr"],
+            "ssim_gain": metrics["gain"]["ssim"],
+        }
+    base = load_pipeline(model)
+    if kind == "full":
+        tuned = DiffusionPipeline.from_pretrained(run_dir / "pipeline")
+        tuned.set_progress_bar_config(disable=True)
+    else:
+        tuned = load_pipeline(model)
+    token = SUBJECT
+    if "embedding" in kind:
+        token = config.textual_inversion.placeholder_token
+        load_embedding(tuned, Embedding(run_dir / "learned_embeds.safetensors", token))
+    if "lora" in kind or kind == "style":
+        load_loras(tuned, [lora_file(run_dir)])
+
+    def pipe_at(scale: float):
+        return tuned if scale else base
+
+    if kind == "style":
+        return judge_style(pipe_at, seeds=seeds)
+    return judge_subject(pipe_at, token=token, seeds=seeds).to_dict()
