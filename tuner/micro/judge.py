@@ -34,6 +34,7 @@ _TEMPLATE_SEED = 917  # template scenes come from their own seed stream, never f
 
 MOSAIC_THRESHOLD = 0.18  # grid-phase contrast of edge energy (see `_mosaic`); about 0 for unstyled images
 OUTLINE_THRESHOLD = 0.05  # share of the silhouette that is a background-colored hole
+SOFT_TEMPLATE_BLUR = (1.0, 1.8)  # gaussian radii (px) of the softened template copies (see `_template_banks`)
 CONCEPT_MIN_SHARE, CONCEPT_MIN_TOTAL = 0.15, 0.6  # each pattern color, and both together, in object votes
 
 
@@ -223,7 +224,11 @@ def _mosaic(a: np.ndarray) -> dict:
 
 @lru_cache(maxsize=4)
 def _template_banks(per_shape: int) -> dict:
-    """Silhouette features of fresh world renders of every shape, plain and mosaicked, standardized."""
+    """Silhouette features of fresh world renders of every shape, plain, softened and mosaicked, standardized.
+
+    The softened copies stand for what a small VAE decoder makes of a shape: points and corners rounded by a pixel
+    or two. Without them a star or cross decoded by the micro VAE (to a person still plainly one) read as a square.
+    """
     rng = np.random.default_rng([_TEMPLATE_SEED, per_shape])
     rows: dict = {None: ([], []), "mosaic": ([], [])}
     cells = world.SIZE // world.MOSAIC_CELL
@@ -231,7 +236,8 @@ def _template_banks(per_shape: int) -> dict:
         for _ in range(per_shape):
             plain = world.sample_scene(rng, shape=shape, max_rotation=45.0).render()
             mosaic = plain.resize((cells, cells), Image.Resampling.BOX).resize(plain.size, Image.Resampling.NEAREST)
-            for style, image in ((None, plain), ("mosaic", mosaic)):
+            soft = [(None, plain.filter(ImageFilter.GaussianBlur(r))) for r in SOFT_TEMPLATE_BLUR]
+            for style, image in ((None, plain), *soft, ("mosaic", mosaic)):
                 mask = _segment(_as_array(image))["mask"]
                 if mask.sum() >= 6:
                     rows[style][0].append(silhouette_features(_object(mask)[1]))

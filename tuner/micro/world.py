@@ -40,7 +40,8 @@ STYLES: tuple[str, ...] = ("outline", "mosaic")
 PATTERNS: tuple[str, ...] = ("stripes", "checks", "noise", "glyphs")
 KINDS: tuple[str, ...] = ("base", "concept", "style", "domain")
 
-RADIUS = {"small": (9.5, 12.0), "large": (15.5, 19.0)}  # shape radius in pixels, per size word
+RADIUS = {"small": (12.5, 15.0), "large": (18.0, 22.0)}  # shape radius in pixels, per size word: small shapes
+# must stay readable through a 4x VAE and a 16x16 latent (at 9.5-12 px a small star came back as a blob)
 STRIPE_PERIOD, STRIPE_DUTY = 6.0, 1 / 3  # texture geometry in pixels, in the object's own (rotating) frame
 DOT_SPACING, DOT_RADIUS = 6.0, 1.6
 OUTLINE_WIDTH = 0.2  # outline stroke width as a fraction of the radius, so small shapes keep a visible hole
