@@ -279,6 +279,7 @@ def test_train_reports_a_bad_vram_clearly(capsys):
 
 # --- every preset trains --------------------------------------------------------------------------------------
 
+
 # Class images are generated after the full-DreamBooth trainer made the UNet fp32 beside bf16 frozen parts.
 def test_class_images_are_generated_under_mixed_precision(tiny_models, photos, tmp_path):
     from tuner.loop import train

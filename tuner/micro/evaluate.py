@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tuner.micro.judge import Judge
-from tuner.micro.world import CONCEPT
+from tuner.micro.world import CONCEPT, PALETTE
 
 CONTEXT_BACKGROUNDS = ("blue", "green", "red", "white")
 
@@ -32,10 +32,25 @@ class SubjectMetrics:
     """How much more often class-prompt samples show the subject than the base model's did."""
     base_fidelity: float
     """The base model's fidelity on the same prompts (the subject is new to it: near 0)."""
+    subject_color_share: float
+    """Mean fraction of instance-prompt pixels in the subject's own two colors: continuous, so it shows learning
+    long before the judge's verdict flips (the example photos: 0.11)."""
+    base_subject_color_share: float
+    """The same for the base model."""
     samples: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def subject_color_share(images: Sequence[Any], tolerance: float = 0.3) -> float:
+    """Mean fraction of pixels within `tolerance` (RGB in [0, 1]) of one of the concept's two palette colors."""
+    import numpy as np
+
+    colors = np.array([PALETTE[c] for c in CONCEPT.colors], np.float32) / 255
+    pixels = np.stack([np.asarray(img.convert("RGB"), np.float32) / 255 for img in images])
+    near = np.linalg.norm(pixels[..., None, :] - colors, axis=-1).min(-1) < tolerance
+    return float(near.mean())
 
 
 def subject_prompts(token: str) -> tuple[list[str], list[tuple[str, str]], list[str]]:
@@ -79,10 +94,15 @@ def judge_subject(
     judge = judge or Judge()
     instance, contexts, classes = subject_prompts(token)
 
+    scores: dict[float, float] = {}
+
     def fraction(prompts, scale, test) -> float:
         images = _render(pipe_at(scale), prompts, seeds, steps, guidance, size)
         labels = [p for p in prompts for _ in seeds]
-        hits = [test(judge.judge(img), label) for img, label in zip(images, labels)]
+        judged = [judge.judge(img) for img in images]
+        if prompts == instance:
+            scores[scale] = subject_color_share(images)
+        hits = [test(out, label) for out, label in zip(judged, labels)]
         return sum(hits) / max(len(hits), 1)
 
     has_subject = lambda out, _: bool(out["concept"])  # noqa: E731
@@ -101,6 +121,8 @@ def judge_subject(
         class_subject_rate=class_rate,
         prior_drift=max(0.0, class_rate - base_class),
         base_fidelity=base_fidelity,
+        subject_color_share=scores[1.0],
+        base_subject_color_share=scores[0.0],
         samples=total,
     )
 
@@ -121,12 +143,14 @@ def judge_style(
     size: int = 64,
     judge: Judge | None = None,
 ) -> dict[str, float]:
-    """Fraction of `... in <style> style` samples the judge calls `style`, tuned vs base."""
+    """Fraction of `... in <style> style` samples the judge calls `style`, tuned vs base, and the mean judge
+    `<style>_score` (continuous: it shows a style being learned before the verdicts flip)."""
     judge = judge or Judge()
     prompts = [f"{p} in {style} style" for p in STYLE_PROMPTS]
     out = {}
-    for name, scale in (("style_adherence", 1.0), ("base_style_adherence", 0.0)):
-        images = _render(pipe_at(scale), prompts, seeds, steps, guidance, size)
-        out[name] = sum(judge.judge(img)["style"] == style for img in images) / len(images)
+    for prefix, scale in (("", 1.0), ("base_", 0.0)):
+        judged = [judge.judge(img) for img in _render(pipe_at(scale), prompts, seeds, steps, guidance, size)]
+        out[f"{prefix}style_adherence"] = sum(j["style"] == style for j in judged) / len(judged)
+        out[f"{prefix}style_score"] = sum(j[f"{style}_score"] for j in judged) / len(judged)
     pipe_at(1.0)
     return out
