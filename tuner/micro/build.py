@@ -64,12 +64,13 @@ def latent_scale(vae_dir: Path, data_dir: Path) -> float:
     return float(1.0 / latents.std())
 
 
-def install_vae(pipe_dir: Path, vae_dir: Path, scale: float) -> None:
-    """Replace the pipeline's VAE by the trained one, with the measured scaling factor in its config."""
+def install_vae(pipe_dir: Path, vae_dir: Path, scale: float | None) -> None:
+    """Replace the pipeline's VAE by the trained one, with the measured scaling factor (None: keep its own)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    vae.register_to_config(scaling_factor=round(scale, 5))
+    if scale is not None:
+        vae.register_to_config(scaling_factor=round(scale, 5))
     shutil.rmtree(pipe_dir / "vae", ignore_errors=True)
     vae.save_pretrained(pipe_dir / "vae", safe_serialization=True)
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-set", action="append", default=[], metavar="K=V", help="extra --set for stage 3")
     parser.add_argument("--vae-set", action="append", default=[], metavar="K=V", help="extra --set for stage 1")
     parser.add_argument("--unet-set", action="append", default=[], metavar="K=V", help="extra --set for stage 2")
+    parser.add_argument("--vae", type=Path, metavar="DIR",
+                        help="start from this trained AutoencoderKL folder (scaling_factor kept), skipping stage 1")
     parser.add_argument("--install", action="store_true", help="also copy the result to tuner/micro/weights/micro")
     args = parser.parse_args(argv)
     from tuner.config import load_config
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     # unet and decoder run side by side: the decoder-only stage keeps the stage-1 encoder, so the latents the UNet
     # learns stay valid while the decoder sharpens (one thread each uses both cores).
     stages = [
-        [("vae", "micro-vae", init, args.vae_steps, args.vae_set)],
+        [] if args.vae else [("vae", "micro-vae", init, args.vae_steps, args.vae_set)],
         [
             ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set]),
             ("decoder", "micro-vae", pipe, args.decoder_steps, [*DECODER_SETS, *args.decoder_set]),
@@ -144,18 +147,20 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": finish_stage(info["name"], process, start, out / f"{info['name']}.log"),
             }
             timings_path.write_text(json.dumps(timings, indent=1))
-        if group[0][0] == "vae":
+        if not group or group[0][0] == "vae":
+            vae_dir = args.vae or out / "vae" / "vae"
             shutil.rmtree(pipe, ignore_errors=True)
             shutil.copytree(init, pipe)
-            scale = latent_scale(out / "vae" / "vae", data)
-            install_vae(pipe, out / "vae" / "vae", scale)
-            print(f"[vae] latent scaling factor {scale:.4f}", flush=True)
-            commands.append(f"# copy {out / 'vae' / 'vae'} into {pipe / 'vae'} with scaling_factor = {scale:.5f}")
+            scale = latent_scale(vae_dir, data) if not args.vae else None
+            install_vae(pipe, vae_dir, scale)
+            shown = f"{scale:.5f}" if scale else "its own"
+            print(f"[vae] {vae_dir}, latent scaling factor {shown}", flush=True)
+            commands.append(f"# copy {vae_dir} into {pipe / 'vae'} with scaling_factor = {shown}")
     assemble(pipe, out / "unet", out / "decoder" / "vae", out / "micro")
     commands.append(f"# assemble {out / 'micro'}: {pipe} with unet/ and text_encoder/ from {out / 'unet'} and vae/ "
                     f"from {out / 'decoder'}")  # fmt: skip
     summary = {
-        "stages": [timings[name] for name in ("vae", "unet", "decoder")],
+        "stages": [timings[name] for name in ("vae", "unet", "decoder") if name in timings],
         "commands": [
             f"python -m tuner.micro.build {out}" + (" --install" if args.install else ""),
             "# which runs:",
