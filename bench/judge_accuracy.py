@@ -65,8 +65,8 @@ def to_markdown(rows, split, n: int, seed: int, seconds: float, command: str) ->
         + _table(["kind", "degradation", *ATTRIBUTES], rows)
         + "\n\n"
         + NOTES
-        + "\nShape accuracy on the clean style scenes above, by style and size (small mosaics are 5 cells across, "
-        "so a star or cross there is ambiguous even to a person):\n\n"
+        + "\nShape accuracy on the clean style scenes above, by style and size (small mosaics are 6-7 cells across, "
+        "so a star or cross there can be ambiguous even to a person):\n\n"
         + _table(["style", "size", "n", "shape"], split)
         + "\n"
     )

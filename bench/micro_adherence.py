@@ -79,6 +79,20 @@ def adherence(pipe, judge: Judge, prompts: list[str], seeds: list[int], steps: i
     return out
 
 
+def vae_ceiling(pipe, judge: Judge, n: int = 192, seed: int = 777) -> dict:
+    """The judge on fresh renders passed through the model's own VAE: the most any UNet on these latents can get."""
+    import torch
+
+    scenes = world.scenes("base", n, seed=seed)
+    pixels = np.stack([np.asarray(s.render(), np.float32) / 127.5 - 1 for s in scenes])
+    with torch.no_grad():
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+        decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+    images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rows = [judge.score(img, s.labels()) for s, img in zip(scenes, images)]
+    return {k: sum(r[k] for r in rows) / n for k in KEYS} | {"n": n}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:micro")
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     pipe, judge = load_pipeline(args.model, args.scheduler), Judge()
     prompts = fresh_prompts(args.prompts)
+    ceiling = vae_ceiling(pipe, judge)
+    print(f"through the VAE: {ceiling}", flush=True)
     rows = []
     for g in args.guidance:
         fresh = adherence(pipe, judge, prompts, list(range(len(prompts))), args.steps, g)
@@ -102,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"guidance {g}: fresh {fresh}  red circle {circle}", flush=True)
     seconds = time.perf_counter() - start
     build = json.loads((args.build_dir / "timings.json").read_text()) if args.build_dir else None
-    args.out.write_text(report(args, rows, seconds, build), encoding="utf-8")
+    args.out.write_text(report(args, rows, ceiling, seconds, build), encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
 
 
-def report(args, rows, seconds: float, build: dict | None) -> str:
+def report(args, rows, ceiling: dict, seconds: float, build: dict | None) -> str:
     sizes = {}
     from tuner.models import resolve_model_path
 
@@ -142,6 +158,10 @@ def report(args, rows, seconds: float, build: dict | None) -> str:
         "Targets (issue 11): shape+color on fresh prompts >= 0.8; red circle >= 0.8 of seeds. Chance (a model that "
         f"ignores the prompt): shape 1/{len(world.SHAPES)}, color and background 1/{len(world.COLORS)}, shape+color "
         f"{1 / (len(world.SHAPES) * len(world.COLORS)):.2f}.",
+        "",
+        f"Ceiling: {ceiling['n']} fresh renders encoded and decoded by the model's VAE are judged shape "
+        f"{ceiling['shape']:.3f}, color {ceiling['color']:.3f}, background {ceiling['background']:.3f}; no UNet "
+        "working in these latents can do better on average.",
         "",
     ]
     if build:

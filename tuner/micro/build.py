@@ -27,16 +27,27 @@ DECODER_SETS = ["decoder.train_whole_vae=false", "optimizer.learning_rate=1e-3",
 """Stage 3 is the micro-vae preset as plain decoder fine-tuning: the encoder, hence the UNet's latents, stays put."""
 
 
-def tuner_command(preset: str, model: Path, data: Path, out: Path, steps: int, extra: list[str]) -> list[str]:
+def tuner_command(
+    preset: str, model: Path, data: Path, out: Path, steps: int, extra: list[str], processes: int = 1
+) -> list[str]:
+    """`tuner train` for one stage; with several processes under `accelerate launch` (DDP over gloo on CPU)."""
     sets = [f"train.max_train_steps={steps}", *extra]
-    return [sys.executable, "-m", "tuner.cli", "train", "--preset", preset, "--model", str(model), "--data", str(data),
+    launcher = ["-m", "tuner.cli"]
+    if processes > 1:
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), *launcher]
+    return [sys.executable, *launcher, "train", "--preset", preset, "--model", str(model), "--data", str(data),
             "--output-dir", str(out), *(a for s in sets for a in ("--set", s))]  # fmt: skip
 
 
+def shown(command: list[str]) -> str:
+    """The command as a user would type it."""
+    text = " ".join(command[1:]).replace("-m accelerate.commands.launch", "accelerate launch")
+    return text.replace("-m tuner.cli ", "tuner ", 1) if "accelerate" not in text else text
+
+
 def start_stage(name: str, command: list[str], log: Path) -> subprocess.Popen:
-    """Start one `tuner train` command, single-threaded, with its output in `log`."""
-    shown = " ".join(["tuner", *command[3:]])
-    print(f"[{name}] {shown}\n[{name}] log: {log}", flush=True)
+    """Start one `tuner train` command, single-threaded per process, with its output in `log`."""
+    print(f"[{name}] {shown(command)}\n[{name}] log: {log}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
@@ -95,10 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8000, help="training images rendered (seed 1)")
     parser.add_argument("--vae-steps", type=int, help="stage-1 steps (default: the micro-vae preset's)")
     parser.add_argument("--unet-steps", type=int, help="stage-2 steps (default: the micro-base preset's)")
-    parser.add_argument("--decoder-steps", type=int, default=1500, help="stage-3 steps (decoder only, frozen encoder)")
+    parser.add_argument(
+        "--decoder-steps", type=int, default=1500, help="stage-3 steps (decoder only, frozen encoder); 0 skips it"
+    )
     parser.add_argument("--decoder-set", action="append", default=[], metavar="K=V", help="extra --set for stage 3")
     parser.add_argument("--vae-set", action="append", default=[], metavar="K=V", help="extra --set for stage 1")
     parser.add_argument("--unet-set", action="append", default=[], metavar="K=V", help="extra --set for stage 2")
+    parser.add_argument("--unet-processes", type=int, default=1,
+                        help="stage-2 processes (DDP over gloo; 2 uses both cores when stage 3 is skipped)")
     parser.add_argument("--vae", type=Path, metavar="DIR",
                         help="start from this trained AutoencoderKL folder (scaling_factor kept), skipping stage 1")
     parser.add_argument("--install", action="store_true", help="also copy the result to tuner/micro/weights/micro")
@@ -121,21 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     # unet and decoder run side by side: the decoder-only stage keeps the stage-1 encoder, so the latents the UNet
     # learns stay valid while the decoder sharpens (one thread each uses both cores).
     stages = [
-        [] if args.vae else [("vae", "micro-vae", init, args.vae_steps, args.vae_set)],
+        [] if args.vae else [("vae", "micro-vae", init, args.vae_steps, args.vae_set, 1)],
         [
-            ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set]),
-            ("decoder", "micro-vae", pipe, args.decoder_steps, [*DECODER_SETS, *args.decoder_set]),
+            ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set],
+             args.unet_processes),
+            *([("decoder", "micro-vae", pipe, args.decoder_steps, [*DECODER_SETS, *args.decoder_set], 1)]
+              if args.decoder_steps else []),
         ],
-    ]
+    ]  # fmt: skip
     for group in stages:
         running = []
-        for name, preset, model, steps, extra in group:
+        for name, preset, model, steps, extra, processes in group:
             defaults = load_config(preset=preset, sets=extra).train
             steps = steps or defaults.max_train_steps
-            command = tuner_command(preset, model, data, out / name, steps, extra)
-            commands.append(
-                "OMP_NUM_THREADS=1 " + " ".join(["tuner", *command[3:]]) + (" &" if len(group) > 1 else "")
-            )
+            if processes > 1:  # the preset's batch is the global one: split it over the processes
+                extra = [*extra, f"train.train_batch_size={max(1, defaults.train_batch_size // processes)}"]
+            command = tuner_command(preset, model, data, out / name, steps, extra, processes)
+            commands.append("OMP_NUM_THREADS=1 " + shown(command) + (" &" if len(group) > 1 else ""))
             if (out / name / "artifact.json").is_file() and name in timings:
                 print(f"[{name}] reusing the finished run in {out / name}", flush=True)
                 continue
@@ -153,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(init, pipe)
             scale = latent_scale(vae_dir, data) if not args.vae else None
             install_vae(pipe, vae_dir, scale)
-            shown = f"{scale:.5f}" if scale else "its own"
-            print(f"[vae] {vae_dir}, latent scaling factor {shown}", flush=True)
-            commands.append(f"# copy {vae_dir} into {pipe / 'vae'} with scaling_factor = {shown}")
-    assemble(pipe, out / "unet", out / "decoder" / "vae", out / "micro")
+            factor = f"{scale:.5f}" if scale else "its own"
+            print(f"[vae] {vae_dir}, latent scaling factor {factor}", flush=True)
+            commands.append(f"# copy {vae_dir} into {pipe / 'vae'} with scaling_factor = {factor}")
+    vae_final = out / "decoder" / "vae" if args.decoder_steps else pipe / "vae"
+    assemble(pipe, out / "unet", vae_final, out / "micro")
     commands.append(f"# assemble {out / 'micro'}: {pipe} with unet/ and text_encoder/ from {out / 'unet'} and vae/ "
-                    f"from {out / 'decoder'}")  # fmt: skip
+                    f"from {vae_final.parent}")  # fmt: skip
     summary = {
         "stages": [timings[name] for name in ("vae", "unet", "decoder") if name in timings],
         "commands": [

@@ -1,7 +1,8 @@
 """Build the random-init micro pipeline: SD1 architecture at micro widths with the micro world's vocabulary.
 
 This is the starting point of the micro base recipe (`tuner.micro.build`); the suite's own trainers then train
-its VAE (decoder preset, whole autoencoder) and its UNet + text encoder (DreamBooth preset, captioned data).
+its VAE (decoder preset, whole autoencoder) and its UNet (DreamBooth preset, captioned data; the random text
+encoder stays frozen).
 """
 
 from __future__ import annotations
@@ -74,11 +75,17 @@ def micro_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
 
 
 def build_micro_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The untrained micro pipeline (seeded): what the recipe starts from."""
+    """The untrained micro pipeline (seeded): what the recipe starts from.
+
+    The scheduler is v-prediction on SD's scaled-linear betas rescaled to zero terminal SNR, sampled with trailing
+    DDIM steps: at SD's own terminal SNR the flat background of a micro scene leaked through the noise and the UNet
+    took it from the seed instead of the prompt (tuner/micro/README.md has the measurements).
+    """
     tokenizer = build_tokenizer(list(dict.fromkeys([*WORDS, *EXTRA_WORDS])), max_length=MAX_TOKENS)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
     )  # fmt: skip
     return StableDiffusionPipeline(
         vae=micro_vae(seed),

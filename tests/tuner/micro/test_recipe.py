@@ -77,6 +77,27 @@ def test_recipe_runs_a_few_steps_of_each_stage(tmp_path):
     assert (tmp_path / "unet" / "pipeline" / "unet" / "config.json").is_file()
 
 
+def test_build_splits_the_unet_stage_over_processes_with_accelerate():
+    from pathlib import Path as P
+
+    from tuner.micro.build import shown, tuner_command
+
+    one = shown(tuner_command("micro-base", P("/m"), P("/d"), P("/o"), 10, ["train.train_batch_size=16"]))
+    two = shown(tuner_command("micro-base", P("/m"), P("/d"), P("/o"), 10, ["train.train_batch_size=16"], 2))
+    assert one.startswith("tuner train --preset micro-base --model /m")
+    assert two.startswith("accelerate launch --multi_gpu --num_processes 2 -m tuner.cli train --preset micro-base")
+    assert one.endswith("--set train.max_train_steps=10 --set train.train_batch_size=16") and two.endswith(one[-60:])
+
+
+def test_the_micro_scheduler_has_zero_terminal_snr_and_predicts_v():
+    """The background of a micro scene must not leak through the last noise step (tuner/micro/README.md)."""
+    from tuner.micro.init import build_micro_pipeline
+
+    scheduler = build_micro_pipeline().scheduler
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.timestep_spacing == "trailing"
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6
+
+
 @needs_weights
 def test_builtin_micro_loads_through_the_suite_and_diffusers():
     from diffusers import StableDiffusionPipeline
@@ -84,7 +105,7 @@ def test_builtin_micro_loads_through_the_suite_and_diffusers():
     from tuner.models import load_parts, resolve_model_path
 
     parts = load_parts("builtin:micro")
-    assert parts.family.name == "sd1" and parts.unet.dtype == torch.float32
+    assert parts.family.name == "sd1" and parts.unet.dtype == torch.float32 and parts.prediction_type == "v_prediction"
     size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert size <= 30e6
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path("builtin:micro"), torch_dtype=torch.float32)
