@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
 
 from tuner.micro.judge import Judge
-from tuner.micro.world import CONCEPT, PALETTE
+from tuner.micro.world import CONCEPT, PALETTE, scenes
 
 CONTEXT_BACKGROUNDS = ("blue", "green", "red", "white")
 
@@ -32,10 +33,10 @@ class SubjectMetrics:
     """How much more often class-prompt samples show the subject than the base model's did."""
     base_fidelity: float
     """The base model's fidelity on the same prompts (the subject is new to it: near 0)."""
-    subject_color_share: float
-    """Mean fraction of instance-prompt pixels in the subject's own two colors: continuous, so it shows learning
-    long before the judge's verdict flips (the example photos: 0.11)."""
-    base_subject_color_share: float
+    subject_likeness: float
+    """How close the instance-prompt samples' palette is to the subject photos' (1 = the same color histogram):
+    continuous, so it shows learning long before the judge's verdict flips."""
+    base_subject_likeness: float
     """The same for the base model."""
     samples: int
 
@@ -43,14 +44,25 @@ class SubjectMetrics:
         return asdict(self)
 
 
-def subject_color_share(images: Sequence[Any], tolerance: float = 0.3) -> float:
-    """Mean fraction of pixels within `tolerance` (RGB in [0, 1]) of one of the concept's two palette colors."""
+def palette_histogram(images: Sequence[Any]) -> Any:
+    """Share of pixels nearest to each world palette color, over all images."""
     import numpy as np
 
-    colors = np.array([PALETTE[c] for c in CONCEPT.colors], np.float32) / 255
-    pixels = np.stack([np.asarray(img.convert("RGB"), np.float32) / 255 for img in images])
-    near = np.linalg.norm(pixels[..., None, :] - colors, axis=-1).min(-1) < tolerance
-    return float(near.mean())
+    palette = np.array(list(PALETTE.values()), np.float32)
+    pixels = np.concatenate([np.asarray(img.convert("RGB"), np.float32).reshape(-1, 3) for img in images])
+    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+    return np.bincount(nearest, minlength=len(palette)) / len(nearest)
+
+
+@lru_cache(maxsize=1)
+def _subject_histogram() -> Any:
+    """The example subject photos' palette (datasets/micro-subject is `scenes("concept", 8, seed=1)`)."""
+    return palette_histogram([scene.render() for scene in scenes("concept", 8, seed=1)])
+
+
+def subject_likeness(images: Sequence[Any]) -> float:
+    """1 - total variation distance between the images' palette histogram and the subject photos'."""
+    return float(1.0 - 0.5 * abs(palette_histogram(images) - _subject_histogram()).sum())
 
 
 def subject_prompts(token: str) -> tuple[list[str], list[tuple[str, str]], list[str]]:
@@ -101,7 +113,7 @@ def judge_subject(
         labels = [p for p in prompts for _ in seeds]
         judged = [judge.judge(img) for img in images]
         if prompts == instance:
-            scores[scale] = subject_color_share(images)
+            scores[scale] = subject_likeness(images)
         hits = [test(out, label) for out, label in zip(judged, labels)]
         return sum(hits) / max(len(hits), 1)
 
@@ -121,8 +133,8 @@ def judge_subject(
         class_subject_rate=class_rate,
         prior_drift=max(0.0, class_rate - base_class),
         base_fidelity=base_fidelity,
-        subject_color_share=scores[1.0],
-        base_subject_color_share=scores[0.0],
+        subject_likeness=scores[1.0],
+        base_subject_likeness=scores[0.0],
         samples=total,
     )
 

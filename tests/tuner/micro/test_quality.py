@@ -1,8 +1,8 @@
 """A small `bench/quality.py`: every trainer, at half its preset's steps, must move a continuous judge figure.
 
 The bench reports the issue's figures (fidelity, context, prior drift, style adherence, PSNR gain); this test
-guards the direction: a subject method must raise the share of the subject's colors in instance-prompt samples
-over the base model's, the style LoRA the judge's mosaic score, the decoder the held-out PSNR; and the subject
+guards the direction: a subject method must bring the palette of instance-prompt samples closer to the photos' than
+the base model's is, the style LoRA the judge's mosaic score, the decoder the held-out PSNR; and the subject
 must not take over the class prompt. A trainer that stops learning (lr 0, a frozen adapter, a loss that no longer
 reaches the weights) leaves the tuned figures equal to the base's and fails. Thresholds sit well under the gains
 measured with the shipped micro model (noted beside each).
@@ -17,9 +17,12 @@ from tuner.models import builtin_model_path
 
 STEPS_SCALE = 0.5
 SEEDS = (0, 1)
-# minimum gain of the continuous judge score per subject method (calibrated below)
-SUBJECT_GAIN = {"dreambooth": 0.05, "dreambooth-lora": 0.05, "textual-inversion": 0.05, "pivotal": 0.05}
-STYLE_GAIN, DECODER_GAIN_DB, MAX_PRIOR_DRIFT = 0.05, 0.5, 0.5
+# Minimum gain of the subject likeness (palette closeness to the photos, tuned minus base) per subject method, at
+# about 40% of what the shipped micro model measured with these steps and seeds: dreambooth 0.053, dreambooth-lora
+# 0.043, textual-inversion 0.21, pivotal 0.37. A trainer that stops learning gains exactly 0 (same images as the base).
+SUBJECT_GAIN = {"dreambooth": 0.02, "dreambooth-lora": 0.02, "textual-inversion": 0.08, "pivotal": 0.15}
+# style score gain measured +0.096; decoder held-out PSNR gain +2.3 dB; prior drift measured 0.25 at most
+STYLE_GAIN, DECODER_GAIN_DB, MAX_PRIOR_DRIFT = 0.04, 0.5, 0.5
 
 
 def _has_micro() -> bool:
@@ -43,6 +46,6 @@ def test_trainer_learns_on_the_micro_world(name, tmp_path):
     elif name == "style-lora":
         assert metrics["style_score"] - metrics["base_style_score"] >= STYLE_GAIN, metrics
     else:
-        gain = metrics["subject_color_share"] - metrics["base_subject_color_share"]
+        gain = metrics["subject_likeness"] - metrics["base_subject_likeness"]
         assert gain >= SUBJECT_GAIN[name], metrics
         assert metrics["prior_drift"] <= MAX_PRIOR_DRIFT, metrics
