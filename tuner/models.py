@@ -48,12 +48,17 @@ BUILTIN_PREFIX = "builtin:"
 def builtin_model_path(name: str) -> Path:
     """Folder of a model shipped inside the package (`builtin:micro`)."""
     path = Path(__file__).parent / "micro" / "weights" / name
-    if not (path / "model_index.json").is_file():
+    if not has_builtin_model(name):
         raise TunerError(
             f"model.pretrained_model_name_or_path = {BUILTIN_PREFIX}{name!s}: this install has no built-in "
             f"{name!r} model; pass --model with a diffusers folder (`tuner make-tiny DIR` writes a tiny one)"
         )
     return path
+
+
+def has_builtin_model(name: str) -> bool:
+    """Whether this install ships the built-in model `name` (a source checkout may lack the weights)."""
+    return (Path(__file__).parent / "micro" / "weights" / name / "model_index.json").is_file()
 
 
 def resolve_model_path(name_or_path: str) -> str:

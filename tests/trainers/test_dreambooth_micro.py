@@ -14,7 +14,7 @@ from PIL import Image
 from tuner.config import load_config
 from tuner.loop import train
 from tuner.micro.world import PALETTE
-from tuner.models import BUILTIN_PREFIX, builtin_model_path
+from tuner.models import BUILTIN_PREFIX, has_builtin_model
 from tuner.sampling import load_loras, load_pipeline, lora_file, set_lora_scale
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,15 +22,7 @@ PHOTOS = ROOT / "datasets" / "micro-subject"
 SEEDS = range(6)
 
 
-def _has_micro() -> bool:
-    try:
-        builtin_model_path("micro")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_micro(), reason="this install has no built-in micro model")
+pytestmark = pytest.mark.skipif(not has_builtin_model("micro"), reason="this install has no built-in micro model")
 
 
 def subject_color_coverage(images: np.ndarray) -> float:

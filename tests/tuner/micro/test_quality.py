@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tuner.micro.quality import score_method, train_method
-from tuner.models import builtin_model_path
+from tuner.models import has_builtin_model
 
 STEPS_SCALE = 0.5
 SEEDS = (0, 1)
@@ -25,15 +25,7 @@ SUBJECT_GAIN = {"dreambooth": 0.02, "dreambooth-lora": 0.02, "textual-inversion"
 STYLE_GAIN, DECODER_GAIN_DB, MAX_PRIOR_DRIFT = 0.04, 0.5, 0.5
 
 
-def _has_micro() -> bool:
-    try:
-        builtin_model_path("micro")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_micro(), reason="this install has no built-in micro model")
+pytestmark = pytest.mark.skipif(not has_builtin_model("micro"), reason="this install has no built-in micro model")
 
 
 @pytest.mark.parametrize("name", [*SUBJECT_GAIN, "style-lora", "decoder"])
