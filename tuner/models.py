@@ -43,22 +43,23 @@ FAMILIES: dict[str, Family] = {
 }
 
 BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).parent / "micro" / "weights"
+"""Where models shipped inside the package live, one diffusers folder per name."""
 
 
 def builtin_model_path(name: str) -> Path:
     """Folder of a model shipped inside the package (`builtin:micro`)."""
-    path = Path(__file__).parent / "micro" / "weights" / name
     if not has_builtin_model(name):
         raise TunerError(
             f"model.pretrained_model_name_or_path = {BUILTIN_PREFIX}{name!s}: this install has no built-in "
             f"{name!r} model; pass --model with a diffusers folder (`tuner make-tiny DIR` writes a tiny one)"
         )
-    return path
+    return BUILTIN_DIR / name
 
 
 def has_builtin_model(name: str) -> bool:
     """Whether this install ships the built-in model `name` (a source checkout may lack the weights)."""
-    return (Path(__file__).parent / "micro" / "weights" / name / "model_index.json").is_file()
+    return (BUILTIN_DIR / name / "model_index.json").is_file()
 
 
 def resolve_model_path(name_or_path: str) -> str:

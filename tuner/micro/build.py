@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuner.config import load_config
     from tuner.micro.init import build_micro_pipeline
     from tuner.micro.render import render_set
+    from tuner.models import BUILTIN_DIR
 
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = ", ".join(f"{t['name']} {t['seconds'] / 60:.1f} min" for t in summary["stages"])
     print(f"wrote {out / 'micro'} ({minutes})")
     if args.install:
-        target = Path(__file__).parent / "weights" / "micro"
+        target = BUILTIN_DIR / "micro"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(out / "micro", target)
         print(f"installed it as builtin:micro ({target})")
