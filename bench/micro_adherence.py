@@ -84,11 +84,10 @@ def vae_ceiling(pipe, judge: Judge, n: int = 192, seed: int = 777) -> dict:
     import torch
 
     scenes = world.scenes("base", n, seed=seed)
-    pixels = np.stack([np.asarray(s.render(), np.float32) / 127.5 - 1 for s in scenes])
     with torch.no_grad():
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-        decoded = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
-    images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        pixels = pipe.image_processor.preprocess([s.render() for s in scenes])
+        decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
+    images = pipe.image_processor.postprocess(decoded, output_type="pil")
     rows = [judge.score(img, s.labels()) for s, img in zip(scenes, images)]
     return {k: sum(r[k] for r in rows) / n for k in KEYS} | {"n": n}
 

@@ -48,9 +48,8 @@ def predict_clean(pipe, latents, timestep: int, prompts: list[str], noise):
     scheduler = pipe.scheduler
     t = torch.full((latents.shape[0],), timestep, dtype=torch.long)
     noisy = scheduler.add_noise(latents, noise, t)
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids  # fmt: skip
-    out = pipe.unet(noisy, t, pipe.text_encoder(ids)[0]).sample
+    embeddings, _ = pipe.encode_prompt(prompts, latents.device, 1, do_classifier_free_guidance=False)
+    out = pipe.unet(noisy, t, embeddings).sample
     alpha = scheduler.alphas_cumprod[timestep].sqrt()
     sigma = (1 - scheduler.alphas_cumprod[timestep]).sqrt()
     if scheduler.config.prediction_type == "v_prediction":
@@ -59,11 +58,8 @@ def predict_clean(pipe, latents, timestep: int, prompts: list[str], noise):
 
 
 def to_images(pipe, latents) -> list:
-    from PIL import Image
-
     pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    arrays = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arrays]
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 def judged(judge: Judge, images, scenes, shapes: list[str] | None = None) -> dict[str, float]:
@@ -99,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     scenes = world.scenes("base", args.images, SCENE_SEED)
     prompts = [prompt_for(s) for s in scenes]
     swapped = [prompt_for(s, other_shape(s)) for s in scenes]
-    pixels = np.stack([np.asarray(s.render(), np.float32) / 127.5 - 1 for s in scenes])
     rows, strip = [], [np.concatenate([np.asarray(s.render()) for s in scenes[:EXAMPLES]], 0)]
     with torch.no_grad():
-        latents = pipe.vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).latent_dist.mean
+        pixels = pipe.image_processor.preprocess([s.render() for s in scenes])
+        latents = pipe.vae.encode(pixels).latent_dist.mean
         latents = latents * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(NOISE_SEED))
         ceiling = to_images(pipe, latents)
