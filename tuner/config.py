@@ -120,8 +120,9 @@ class DataConfig(Section):
     """Cache VAE latents on disk (ignored for random crops)."""
     cache_text_embeds: bool = True
     """Cache text-encoder outputs on disk (ignored when captions vary per step or text encoders train)."""
-    latent_cache_mode: Literal["distribution", "sample"] = "distribution"
-    """Cache the latent distribution (mean, std: sampling stays stochastic) or one sample."""
+    latent_cache_mode: Literal["distribution", "sample", "mean"] = "distribution"
+    """Cache the latent distribution (mean, std: sampling stays stochastic), one sample, or the mean alone (clean
+    targets for a VAE whose posterior is wide, like a small VAE trained from scratch)."""
     cache_dir: str | None = None
     """Cache folder; default `<data path>/.tuner-cache`."""
     bad_file_policy: Literal["skip", "error"] = "skip"
@@ -204,6 +205,13 @@ class TrainConfig(Section):
     """Input perturbation of the noise (regularizes, ~0.1)."""
     snr_gamma: float | None = None
     """min-SNR-γ loss weighting (5.0 is the paper's value); none to disable."""
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """How training timesteps are drawn: uniformly, or logit-normal (SD3's: t/T = sigmoid(N(mean, std))), which
+    spends more steps at mid noise, where a picture's layout is decided."""
+    timestep_mean: float = 0.0
+    """Mean of the logit-normal's normal; > 0 shifts training toward noisier timesteps."""
+    timestep_std: float = Field(1.0, gt=0)
+    """Standard deviation of the logit-normal's normal; larger spreads it toward the ends."""
     use_ema: bool = False
     """Keep an EMA copy of the trained weights and save it."""
     ema_decay: float = Field(0.9999, gt=0, lt=1)

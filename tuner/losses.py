@@ -23,6 +23,9 @@ class LossOptions:
     input_perturbation: float = 0.0
     snr_gamma: float | None = None
     prior_loss_weight: float = 1.0
+    timestep_sampling: str = "uniform"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
 
     @classmethod
     def from_config(cls, config: Any) -> LossOptions:
@@ -31,6 +34,9 @@ class LossOptions:
             input_perturbation=config.train.input_perturbation,
             snr_gamma=config.train.snr_gamma,
             prior_loss_weight=config.data.prior_loss_weight,
+            timestep_sampling=config.train.timestep_sampling,
+            timestep_mean=config.train.timestep_mean,
+            timestep_std=config.train.timestep_std,
         )
 
 
@@ -76,6 +82,18 @@ def sample_noise(latents: torch.Tensor, options: LossOptions, generator: torch.G
     return noise
 
 
+def sample_timesteps(
+    size: int, num_train_timesteps: int, options: LossOptions, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Training timesteps: uniform over the schedule, or logit-normal (Esser et al. 2024, SD3's default)."""
+    if options.timestep_sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (size,), generator=generator)
+    if options.timestep_sampling == "logit_normal":
+        normal = torch.randn((size,), generator=generator) * options.timestep_std + options.timestep_mean
+        return (torch.sigmoid(normal) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    raise TunerError(f"train.timestep_sampling {options.timestep_sampling!r}: allowed: uniform, logit_normal")
+
+
 def diffusion_loss(
     parts: Parts,
     batch: dict[str, Any],
@@ -92,7 +110,7 @@ def diffusion_loss(
     noise = sample_noise(latents, options, generator)
     scheduler = parts.noise_scheduler
     bsz = latents.shape[0]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(latents.device)
+    timesteps = sample_timesteps(bsz, scheduler.config.num_train_timesteps, options, generator).to(latents.device)
     model_noise = noise
     if options.input_perturbation:
         model_noise = noise + options.input_perturbation * torch.randn(noise.shape, generator=generator).to(noise)

@@ -18,6 +18,7 @@ from tuner.losses import (
     diffusion_loss,
     min_snr_weights,
     sample_noise,
+    sample_timesteps,
     split_prior,
     target_for,
 )
@@ -141,3 +142,20 @@ def test_prior_target_replaces_the_class_half(sd1_parts):
 
     loss = diffusion_loss(parts, batch, LossOptions(), generator=_g(6), prior_target=frozen)
     assert loss.item() == pytest.approx(noise[:2].pow(2).mean().item() + 4.0, rel=1e-5)
+
+
+def test_logit_normal_timesteps_gather_at_mid_noise_and_follow_their_mean():
+    def draw(**kw):
+        return sample_timesteps(20000, 1000, LossOptions(**kw), torch.Generator().manual_seed(0))
+
+    uniform, centered, shifted = draw(), draw(timestep_sampling="logit_normal"), draw(
+        timestep_sampling="logit_normal", timestep_mean=1.0)
+    for t in (uniform, centered, shifted):
+        assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
+    mid = [float(((t >= 300) & (t < 700)).float().mean()) for t in (uniform, centered)]
+    assert abs(mid[0] - 0.4) < 0.02 and mid[1] > 0.5, mid
+    assert abs(float(centered.float().median()) - 500) < 15
+    assert abs(float(shifted.float().median()) - 731) < 15  # sigmoid(1.0) * 1000
+    assert torch.equal(centered, draw(timestep_sampling="logit_normal")), "same generator, same timesteps"
+    with pytest.raises(TunerError, match="timestep_sampling"):
+        draw(timestep_sampling="cosine")

@@ -86,6 +86,8 @@ class Assembler:
                 generator = torch.Generator().manual_seed(int(key[:15], 16))
                 noise = torch.randn(mean[i].shape, generator=generator, dtype=torch.float32).to(mean.dtype)
                 value = {"latents": mean[i] + std[i] * noise}
+            elif self.data.latent_cache_mode == "mean":
+                value = {"latents": mean[i]}
             else:
                 value = {"latent_mean": mean[i], "latent_std": std[i]}
             self.latent_cache.put(key, value, {"image": rows[i].entry.name})

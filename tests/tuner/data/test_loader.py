@@ -84,6 +84,10 @@ def test_keys_follow_needs(mixed, make_config, tiny_parts):
     assert "pixel_values" in random_crop and "latent_mean" not in random_crop
     sample = next(build(make_config(mixed, latent_cache_mode="sample"), parts, needs=("latents",)).iterate(0))
     assert "latents" in sample and "latent_mean" not in sample and "pixel_values" not in sample
+    mean = next(build(make_config(mixed, latent_cache_mode="mean"), parts, needs=("latents",)).iterate(0))
+    assert set(mean) & {"latents", "latent_mean", "pixel_values"} == {"latents"}
+    distribution = next(build(make_config(mixed), parts, needs=("latents",)).iterate(0))
+    assert torch.allclose(mean["latents"], distribution["latent_mean"]), "the mean mode caches the posterior mean"
 
 
 def test_holdout_and_model_prior(mixed, make_config, tiny_parts):
