@@ -86,7 +86,7 @@ class DreamBoothTrainer(Trainer):
     def __init__(self, config):
         super().__init__(config)
         if config.data.with_prior_preservation and not config.data.class_prompt:
-            raise ConfigError("data.class_prompt: prior preservation needs one, e.g. \"a photo of dog\"")
+            raise ConfigError('data.class_prompt: prior preservation needs one, e.g. "a photo of dog"')
         self.loss_options = LossOptions.from_config(config)
         self.frozen_unet = None
 

@@ -139,8 +139,12 @@ def _details(config: dict[str, Any], artifact: Artifact) -> list[tuple[str, Any]
         ("resolution", data.get("resolution")),
         ("prior preservation", data.get("with_prior_preservation") or None),
         ("min-SNR gamma", train.get("snr_gamma")),
-        ("timestep sampling", None if train.get("timestep_sampling", "uniform") == "uniform" else
-         f"logit-normal ({train.get('timestep_mean')}, {train.get('timestep_std')})"),
+        (
+            "timestep sampling",
+            None
+            if train.get("timestep_sampling", "uniform") == "uniform"
+            else f"logit-normal ({train.get('timestep_mean')}, {train.get('timestep_std')})",
+        ),
         ("noise offset", train.get("noise_offset") or None),
         ("EMA", train.get("use_ema") or None),
         ("seed", train.get("seed")),

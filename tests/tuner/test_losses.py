@@ -148,10 +148,13 @@ def test_logit_normal_timesteps_gather_at_mid_noise_and_follow_their_mean():
     def draw(**kw):
         return sample_timesteps(20000, 1000, LossOptions(**kw), torch.Generator().manual_seed(0))
 
-    uniform, centered, shifted = draw(), draw(timestep_sampling="logit_normal"), draw(
-        timestep_sampling="logit_normal", timestep_mean=1.0)
+    uniform, centered, shifted = (
+        draw(),
+        draw(timestep_sampling="logit_normal"),
+        draw(timestep_sampling="logit_normal", timestep_mean=1.0),
+    )
     for t in (uniform, centered, shifted):
-        assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
+        assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
     mid = [float(((t >= 300) & (t < 700)).float().mean()) for t in (uniform, centered)]
     assert abs(mid[0] - 0.4) < 0.02 and mid[1] > 0.5, mid
     assert abs(float(centered.float().median()) - 500) < 15

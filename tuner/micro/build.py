@@ -112,10 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-set", action="append", default=[], metavar="K=V", help="extra --set for stage 3")
     parser.add_argument("--vae-set", action="append", default=[], metavar="K=V", help="extra --set for stage 1")
     parser.add_argument("--unet-set", action="append", default=[], metavar="K=V", help="extra --set for stage 2")
-    parser.add_argument("--unet-processes", type=int, default=1,
-                        help="stage-2 processes (DDP over gloo; 2 uses both cores when stage 3 is skipped)")
-    parser.add_argument("--vae", type=Path, metavar="DIR",
-                        help="start from this trained AutoencoderKL folder (scaling_factor kept), skipping stage 1")
+    parser.add_argument(
+        "--unet-processes",
+        type=int,
+        default=1,
+        help="stage-2 processes (DDP over gloo; 2 uses both cores when stage 3 is skipped)",
+    )
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        metavar="DIR",
+        help="start from this trained AutoencoderKL folder (scaling_factor kept), skipping stage 1",
+    )
     parser.add_argument("--install", action="store_true", help="also copy the result to tuner/micro/weights/micro")
     args = parser.parse_args(argv)
     from tuner.config import load_config
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "stages": [timings[name] for name in ("vae", "unet", "decoder") if name in timings],
         "commands": [
-            f"python -m tuner.micro.build {out}" + (" --install" if args.install else ""),
+            " ".join(["python -m tuner.micro.build", *(sys.argv[1:] if argv is None else argv)]),
             "# which runs:",
             *commands,
         ],

@@ -21,6 +21,8 @@ from PIL import Image, ImageDraw
 SIZE = 64
 SCALE = 4  # shapes are drawn at 4x and box-downsampled, which anti-aliases edges so a VAE can learn them
 MARGIN = 3.0  # pixels kept free at the border, so the judge can read the background there
+MAX_SHIFT = 8.0  # the object's center stays within this many pixels of the frame's center: with centers anywhere
+# the micro UNet sampled every prompt's object as a centered blob (the average over positions) and never its outline
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -304,6 +306,7 @@ def _place(rng: np.random.Generator, shape: str, radius: float, rotation: float)
     """A random center that keeps the rotated shape MARGIN pixels inside the frame."""
     v = _rotate(_UNIT[shape] * radius, rotation)
     lo, hi = MARGIN - v.min(axis=0), SIZE - MARGIN - v.max(axis=0)
+    lo, hi = np.maximum(lo, SIZE / 2 - MAX_SHIFT), np.minimum(hi, SIZE / 2 + MAX_SHIFT)
     cx, cy = lo + rng.random(2) * np.maximum(hi - lo, 0.0)
     return (round(float(cx), 3), round(float(cy), 3))
 

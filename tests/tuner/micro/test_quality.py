@@ -18,10 +18,11 @@ from tuner.models import has_builtin_model
 STEPS_SCALE = 0.5
 SEEDS = (0, 1)
 # Minimum gain of the subject likeness (palette closeness to the photos, tuned minus base) per subject method, at
-# about 40% of what the shipped micro model measured with these steps and seeds: dreambooth 0.053, dreambooth-lora
-# 0.043, textual-inversion 0.21, pivotal 0.37. A trainer that stops learning gains exactly 0 (same images as the base).
+# well under what the shipped micro model measured with these steps and seeds: dreambooth 0.086 (text encoder
+# trained, lr 3e-4; UNet-only at 1e-4 measured 0.0), dreambooth-lora 0.086, textual-inversion 0.18, pivotal 0.24.
+# A trainer that stops learning gains exactly 0 (same images as the base).
 SUBJECT_GAIN = {"dreambooth": 0.02, "dreambooth-lora": 0.02, "textual-inversion": 0.08, "pivotal": 0.15}
-# style score gain measured +0.096; decoder held-out PSNR gain +2.3 dB; prior drift measured 0.25 at most
+# style score gain measured +0.06 (LoCon targets); decoder held-out PSNR gain +2.3 dB; prior drift 0.25 at most
 STYLE_GAIN, DECODER_GAIN_DB, MAX_PRIOR_DRIFT = 0.04, 0.5, 0.5
 
 
