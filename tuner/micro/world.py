@@ -303,7 +303,7 @@ class Pattern:
 
 
 def _place(rng: np.random.Generator, shape: str, radius: float, rotation: float) -> tuple[float, float]:
-    """A random center that keeps the rotated shape MARGIN pixels inside the frame."""
+    """A random center within MAX_SHIFT of the middle that keeps the rotated shape MARGIN pixels inside the frame."""
     v = _rotate(_UNIT[shape] * radius, rotation)
     lo, hi = MARGIN - v.min(axis=0), SIZE - MARGIN - v.max(axis=0)
     lo, hi = np.maximum(lo, SIZE / 2 - MAX_SHIFT), np.minimum(hi, SIZE / 2 + MAX_SHIFT)
