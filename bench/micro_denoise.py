@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
+    from tuner.losses import compute_snr
     from tuner.models import resolve_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         strip.append(np.concatenate([np.asarray(im) for im in ceiling[:EXAMPLES]], 0))
         for t in TIMESTEPS:
             images = to_images(pipe, predict_clean(pipe, latents, t, prompts, noise))
-            snr = float(pipe.scheduler.alphas_cumprod[t] / (1 - pipe.scheduler.alphas_cumprod[t]))
+            snr = float(compute_snr(pipe.scheduler, torch.tensor([t]))[0])
             other = to_images(pipe, predict_clean(pipe, latents, t, swapped, noise))
             follows = judged(judge, other, scenes, [other_shape(s) for s in scenes])["shape"]
             rows.append((f"t = {t}", f"{snr:.2f}", judged(judge, images, scenes), follows))
