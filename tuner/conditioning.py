@@ -63,8 +63,14 @@ def unscale_latents(parts: Parts, latents: torch.Tensor) -> torch.Tensor:
     return latents / config.scaling_factor + shift
 
 
-def batch_latents(parts: Parts, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents of a batch: from the cache (`latent_mean`/`latent_std`, or `latents`) or the VAE."""
+def batch_latents(
+    parts: Parts, batch: dict[str, Any], generator: torch.Generator | None = None, sample: bool = True
+) -> torch.Tensor:
+    """Scaled latents of a batch: from the cache (`latent_mean`/`latent_std`, or `latents`) or the VAE.
+
+    A distribution (cached or encoded now) is sampled, or with `sample=False` reduced to its mean, so random-crop
+    batches the cache skips get the same targets as cached ones.
+    """
     if "latents" in batch:
         latents = batch["latents"].to(parts.device)
     else:
@@ -73,8 +79,10 @@ def batch_latents(parts: Parts, batch: dict[str, Any], generator: torch.Generato
         else:
             with torch.no_grad():
                 mean, std = encode_pixels(parts, batch["pixel_values"])
-        noise = torch.randn(mean.shape, generator=generator, device="cpu", dtype=torch.float32).to(mean.device)
-        latents = mean + std * noise.to(mean.dtype)
+        latents = mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device="cpu", dtype=torch.float32).to(mean.device)
+            latents = mean + std * noise.to(mean.dtype)
     return scale_latents(parts, latents.float())
 
 

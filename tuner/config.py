@@ -123,7 +123,7 @@ class DataConfig(Section):
     latent_cache_mode: Literal["distribution", "sample", "mean"] = "distribution"
     """Cache the latent distribution (mean, std: sampling stays stochastic), one sample, or the mean alone (clean
     targets for a VAE whose posterior is wide, like a small VAE trained from scratch). Uncached batches (random
-    crops) always sample."""
+    crops) follow the same choice: "mean" trains on the mean, the others sample."""
     cache_dir: str | None = None
     """Cache folder; default `<data path>/.tuner-cache`."""
     bad_file_policy: Literal["skip", "error"] = "skip"

@@ -26,6 +26,8 @@ class LossOptions:
     timestep_sampling: str = "uniform"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    sample_latents: bool = True
+    """Draw each target from the VAE's latent distribution; False takes its mean (`data.latent_cache_mode`)."""
 
     @classmethod
     def from_config(cls, config: Any) -> LossOptions:
@@ -37,6 +39,7 @@ class LossOptions:
             timestep_sampling=config.train.timestep_sampling,
             timestep_mean=config.train.timestep_mean,
             timestep_std=config.train.timestep_std,
+            sample_latents=config.data.latent_cache_mode != "mean",
         )
 
 
@@ -106,7 +109,7 @@ def diffusion_loss(
     `prior_target`, when given, is a callable `(noisy, timesteps, conditioning) -> Tensor` used for the
     class half instead of the usual target (image-free prior preservation: the frozen model's prediction).
     """
-    latents = batch_latents(parts, batch, generator)
+    latents = batch_latents(parts, batch, generator, sample=options.sample_latents)
     noise = sample_noise(latents, options, generator)
     scheduler = parts.noise_scheduler
     bsz = latents.shape[0]

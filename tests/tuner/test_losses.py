@@ -162,3 +162,30 @@ def test_logit_normal_timesteps_gather_at_mid_noise_and_follow_their_mean():
     assert torch.equal(centered, draw(timestep_sampling="logit_normal")), "same generator, same timesteps"
     with pytest.raises(TunerError, match="timestep_sampling"):
         draw(timestep_sampling="cosine")
+
+
+def test_mean_targets_reach_uncached_batches(sd1_parts):
+    """`latent_cache_mode = "mean"` holds for batches the cache skips (random crops): the VAE's mean, no draw."""
+    from tuner.conditioning import batch_latents, encode_pixels, scale_latents
+    from tuner.config import build_config
+
+    pixels = torch.rand(2, 3, 64, 64, generator=_g(2)) * 2 - 1
+    mean, _ = encode_pixels(sd1_parts, pixels)
+    batch = {"pixel_values": pixels}
+    clean = batch_latents(sd1_parts, batch, _g(1), sample=False)
+    assert torch.allclose(clean, scale_latents(sd1_parts, mean.float()))
+    assert torch.equal(clean, batch_latents(sd1_parts, batch, _g(2), sample=False))
+    drawn = [batch_latents(sd1_parts, batch, _g(seed)) for seed in (1, 2)]
+    assert not torch.equal(drawn[0], drawn[1]) and not torch.allclose(drawn[0], clean)
+
+    def options(mode):
+        model, data = {"pretrained_model_name_or_path": "m"}, {"path": "d", "latent_cache_mode": mode}
+        return LossOptions.from_config(
+            build_config([("test", {"method": "dreambooth", "model": model, "data": data})])
+        )
+
+    assert (
+        not options("mean").sample_latents
+        and options("distribution").sample_latents
+        and options("sample").sample_latents
+    )
