@@ -6,6 +6,7 @@ runs it with fewer steps and seeds): one place decides how a method is trained a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -41,7 +42,11 @@ def train_method(name: str, model: str, out: Path, steps_scale: float = 1.0, dat
     preset, folder, _ = RUNS[name]
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    data = {"path": str(datasets / folder), "cache_dir": str(out / "cache"), "class_data_dir": str(out / "class")}
+    data = {
+        "path": str(datasets / folder),
+        "cache_dir": str(out / "cache"),
+        "class_data_dir": str(class_dir(out, model)),
+    }
     overrides = {
         "model": {"pretrained_model_name_or_path": model},
         "data": data,
@@ -53,6 +58,16 @@ def train_method(name: str, model: str, out: Path, steps_scale: float = 1.0, dat
     train(config)
     _reset_accelerate()
     return run_dir, time.perf_counter() - started, config
+
+
+def class_dir(out: Path, model: str) -> Path:
+    """Class images belong to the base that drew them: one folder per UNet weights file, so a rerun after the base
+    changed generates new ones instead of reusing the old base's."""
+    from tuner.models import resolve_model_path
+
+    weights = sorted((Path(resolve_model_path(model)) / "unet").glob("*.safetensors"))
+    key = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:12]
+    return out / "class" / key
 
 
 def _reset_accelerate() -> None:

@@ -116,7 +116,6 @@ def test_builtin_micro_loads_through_the_suite_and_diffusers():
 
 
 @needs_weights
-@pytest.mark.xfail(reason="the shipped micro base does not reach the target yet; bench/results/micro.md", strict=False)
 def test_builtin_micro_draws_a_red_circle_for_most_seeds():
     """The issue's acceptance check at test size: few seeds and steps (the full figure is in bench/results)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
