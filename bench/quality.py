@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tuner.micro.quality import RUNS, TARGETS, score_method, train_method  # noqa: E402
+from tuner.micro.quality import RUNS, STYLE, TARGETS, score_method, train_method, vae_round_trip  # noqa: E402
 
 
 def table(results: dict) -> str:
@@ -48,7 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, seconds, config = train_method(name, args.model, args.out, args.steps_scale)
         results[name] = {"seconds": seconds, "metrics": score_method(name, args.model, run_dir, config)}
         print(json.dumps(results[name], indent=2), flush=True)
-    text = table(results)
+    subject, style = (
+        vae_round_trip(args.model, "micro-subject", {"concept": True}),
+        vae_round_trip(args.model, "micro-style", {"style": STYLE}),
+    )
+    text = table(results) + (
+        f"\n\nThrough the base's VAE alone (encode, decode, judge) the subject survives in {subject:.2f} of the "
+        f"example subject photos and the {STYLE} style in {style:.2f} of the style set: no method trained on them "
+        "can show more than its VAE carries."
+    )
     print(text)
     command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.results.write_text(
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "on the class prompt `a photo of a heart on a <color> background` (prior drift: how much more often the "
         "subject appears than with the base model); 4 seeds each, 20 DDIM steps, guidance 4. `base_fidelity` "
         "is the same model without the adaptation. The style LoRA is scored on three prompts ending in "
-        "`in mosaic style`; the decoder on its held-out 20% of datasets/micro-domain.\n",
+        "`in outline style`; the decoder on its held-out 20% of datasets/micro-domain.\n",
         encoding="utf-8",
     )
     print(f"wrote {args.results}")

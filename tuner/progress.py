@@ -82,9 +82,10 @@ def run_summary(config: RunConfig, parts, optimizer, data, world: int, resume_fr
         for g in optimizer.param_groups
     )
     epochs = math.ceil(tc.max_train_steps * tc.gradient_accumulation_steps / max(data.batches_per_epoch, 1))
+    sources = config.data.path or " + ".join(subset.path for subset in config.data.subsets)
     lines = [
         f"tuner train · method {config.method} · model {parts.source} ({parts.family.name}, {parts.prediction_type})",
-        f"  data {config.data.path} · {data.batches_per_epoch} batches/epoch · ~{epochs} epoch(s)",
+        f"  data {sources} · {data.batches_per_epoch} batches/epoch · ~{epochs} epoch(s)",
         f"  {tc.max_train_steps} steps × batch {tc.train_batch_size} × accumulation {tc.gradient_accumulation_steps} "
         f"× {world} process(es) = {global_batch} images/step",
         f"  optimizer {oc.name} ({oc.lr_scheduler}, warmup {oc.lr_warmup_steps}) · trainable: {groups}",
