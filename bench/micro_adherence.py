@@ -81,13 +81,10 @@ def adherence(pipe, judge: Judge, prompts: list[str], seeds: list[int], steps: i
 
 def vae_ceiling(pipe, judge: Judge, n: int = 192, seed: int = 777) -> dict:
     """The judge on fresh renders passed through the model's own VAE: the most any UNet on these latents can get."""
-    import torch
+    from tuner.micro.evaluate import through_vae
 
     scenes = world.scenes("base", n, seed=seed)
-    with torch.no_grad():
-        pixels = pipe.image_processor.preprocess([s.render() for s in scenes])
-        decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
-    images = pipe.image_processor.postprocess(decoded, output_type="pil")
+    _, images = through_vae(pipe.vae, [s.render() for s in scenes])
     rows = [judge.score(img, s.labels()) for s, img in zip(scenes, images)]
     return {k: sum(r[k] for r in rows) / n for k in KEYS} | {"n": n}
 

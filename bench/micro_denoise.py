@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from tuner.losses import compute_snr
+    from tuner.micro.evaluate import through_vae
     from tuner.models import resolve_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,11 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     swapped = [prompt_for(s, other_shape(s)) for s in scenes]
     rows, strip = [], [np.concatenate([np.asarray(s.render()) for s in scenes[:EXAMPLES]], 0)]
     with torch.no_grad():
-        pixels = pipe.image_processor.preprocess([s.render() for s in scenes])
-        latents = pipe.vae.encode(pixels).latent_dist.mean
-        latents = latents * pipe.vae.config.scaling_factor
+        means, ceiling = through_vae(pipe.vae, [s.render() for s in scenes])
+        latents = means * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(NOISE_SEED))
-        ceiling = to_images(pipe, latents)
         rows.append(("VAE round trip (no UNet)", "-", judged(judge, ceiling, scenes), None))
         strip.append(np.concatenate([np.asarray(im) for im in ceiling[:EXAMPLES]], 0))
         for t in TIMESTEPS:

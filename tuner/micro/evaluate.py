@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from tuner.micro.judge import Judge
@@ -71,6 +72,17 @@ def subject_prompts(token: str) -> tuple[list[str], list[tuple[str, str]], list[
     contexts = [(CONCEPT.caption(bg, token), bg) for bg in CONTEXT_BACKGROUNDS]
     classes = [CONCEPT.class_caption(bg) for bg in CONTEXT_BACKGROUNDS[:2]]
     return instance, contexts, classes
+
+
+def through_vae(vae: Any, images: Sequence[Any]) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Images encoded by `vae` to their latent means (unscaled) and decoded back to uint8 RGB: the most any UNet
+    working in this VAE's latents can draw of them."""
+    pixels = np.stack([np.asarray(image, np.float32)[..., :3] / 127.5 - 1 for image in images])
+    with torch.no_grad():
+        means = vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).to(vae.device, vae.dtype)).latent_dist.mean
+        decoded = vae.decode(means).sample.float().clamp(-1, 1)
+    out = ((decoded.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+    return means, list(out)
 
 
 def _render(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, size: int):

@@ -75,21 +75,17 @@ def class_dir(out: Path, model: str) -> Path:
 def vae_round_trip(model: str, folder: str, expected: dict, datasets: Path = DATASETS) -> float:
     """Fraction of an example set's images in which the judge still finds `expected` (the subject, a style) after
     the base's VAE encodes and decodes them: the most a method trained on that set can show through this VAE."""
-    import numpy as np
-    import torch
     from diffusers import AutoencoderKL
     from PIL import Image
 
+    from tuner.micro.evaluate import through_vae
     from tuner.micro.judge import Judge
     from tuner.models import resolve_model_path
 
     vae = AutoencoderKL.from_pretrained(Path(resolve_model_path(model)) / "vae").eval()
-    paths = sorted((datasets / folder).glob("*.png"))
-    pixels = np.stack([np.asarray(Image.open(path).convert("RGB"), np.float32) / 127.5 - 1 for path in paths])
-    with torch.no_grad():
-        latents = vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).latent_dist.mean
-        decoded = vae.decode(latents).sample.clamp(-1, 1)
-    images = ((decoded.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    _, images = through_vae(
+        vae, [Image.open(path).convert("RGB") for path in sorted((datasets / folder).glob("*.png"))]
+    )
     judge = Judge()
     return sum(all(judge.score(image, expected).values()) for image in images) / len(images)
 
