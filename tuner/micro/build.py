@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 DATA_SEED = 1
 STATS_IMAGES = 256
 DECODER_SETS = ["decoder.train_whole_vae=false", "optimizer.learning_rate=1e-3", "train.checkpointing_steps=400"]
@@ -63,16 +61,14 @@ def finish_stage(name: str, process: subprocess.Popen, start: float, log: Path) 
 
 def latent_scale(vae_dir: Path, data_dir: Path) -> float:
     """1 / std of the trained encoder's latent means over training images: SD's `scaling_factor` convention."""
-    import numpy as np
     from diffusers import AutoencoderKL
     from PIL import Image
 
+    from tuner.micro.evaluate import encode_means
+
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     paths = sorted(data_dir.glob("*.png"))[:STATS_IMAGES]
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1 for p in paths])
-    with torch.no_grad():
-        latents = vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).latent_dist.mean
-    return float(1.0 / latents.std())
+    return float(1.0 / encode_means(vae, [Image.open(p).convert("RGB") for p in paths]).std())
 
 
 def install_vae(pipe_dir: Path, vae_dir: Path, scale: float | None) -> None:

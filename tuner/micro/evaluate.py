@@ -74,12 +74,18 @@ def subject_prompts(token: str) -> tuple[list[str], list[tuple[str, str]], list[
     return instance, contexts, classes
 
 
+def encode_means(vae: Any, images: Sequence[Any]) -> torch.Tensor:
+    """RGB images (PIL or uint8 arrays) encoded by `vae` to their latent means, unscaled (no `scaling_factor`)."""
+    pixels = np.stack([np.asarray(image, np.float32)[..., :3] / 127.5 - 1 for image in images])
+    with torch.no_grad():
+        return vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).to(vae.device, vae.dtype)).latent_dist.mean
+
+
 def through_vae(vae: Any, images: Sequence[Any]) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Images encoded by `vae` to their latent means (unscaled) and decoded back to uint8 RGB: the most any UNet
     working in this VAE's latents can draw of them."""
-    pixels = np.stack([np.asarray(image, np.float32)[..., :3] / 127.5 - 1 for image in images])
+    means = encode_means(vae, images)
     with torch.no_grad():
-        means = vae.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).to(vae.device, vae.dtype)).latent_dist.mean
         decoded = vae.decode(means).sample.float().clamp(-1, 1)
     out = ((decoded.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
     return means, list(out)
