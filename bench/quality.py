@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tuner.micro.evaluate import SUBJECT_LABELS  # noqa: E402
 from tuner.micro.quality import RUNS, STYLE, TARGETS, score_method, train_method, vae_round_trip  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"seconds": seconds, "metrics": score_method(name, args.model, run_dir, config)}
         print(json.dumps(results[name], indent=2), flush=True)
     subject, style = (
-        vae_round_trip(args.model, "micro-subject", {"concept": True}),
+        vae_round_trip(args.model, "micro-subject", SUBJECT_LABELS),
         vae_round_trip(args.model, "micro-style", {"style": STYLE}),
     )
     text = table(results) + (

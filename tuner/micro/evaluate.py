@@ -18,6 +18,13 @@ from tuner.micro.judge import Judge
 from tuner.micro.world import CONCEPT, PALETTE, scenes
 
 CONTEXT_BACKGROUNDS = ("blue", "green", "red", "white")
+SUBJECT_LABELS = {"concept": True, "shape": CONCEPT.class_word}
+"""What the judge must read for "the subject is there": its two-tone pattern on an object of its shape. The pattern's
+colors alone, scattered over the frame in blobs, are not the subject."""
+
+
+def is_subject(judged: dict[str, Any]) -> bool:
+    return all(judged[key] == value for key, value in SUBJECT_LABELS.items())
 
 
 @dataclass
@@ -135,9 +142,9 @@ def judge_subject(
         hits = [test(out, label) for out, label in zip(judged, labels)]
         return sum(hits) / max(len(hits), 1)
 
-    has_subject = lambda out, _: bool(out["concept"])  # noqa: E731
+    has_subject = lambda out, _: is_subject(out)  # noqa: E731
     backgrounds = dict(contexts)
-    in_context = lambda out, prompt: bool(out["concept"]) and out["background"] == backgrounds[prompt]  # noqa: E731
+    in_context = lambda out, prompt: is_subject(out) and out["background"] == backgrounds[prompt]  # noqa: E731
     fidelity = fraction(instance, 1.0, has_subject)
     context = fraction(list(backgrounds), 1.0, in_context)
     class_rate = fraction(classes, 1.0, has_subject)

@@ -36,6 +36,10 @@ MOSAIC_THRESHOLD = 0.18  # grid-phase contrast of edge energy (see `_mosaic`); a
 OUTLINE_THRESHOLD = 0.05  # share of the silhouette that is a background-colored hole
 SOFT_TEMPLATE_BLUR = (1.0, 1.8)  # gaussian radii (px) of the softened template copies (see `_template_banks`)
 CONCEPT_MIN_SHARE, CONCEPT_MIN_TOTAL = 0.15, 0.6  # each pattern color, and both together, in object votes
+SHAPE_MAX_DISTANCE = 8.0
+"""Mean standardized feature distance to the k nearest template silhouettes beyond which the object is no shape at
+all (shape None): fresh renders, degraded or not, stay under 2.2 and the micro base's drawings mostly under 7, while
+a scatter of blobs (an over-trained adapter's) lies at 10-20 and would otherwise read as the nearest shape."""
 
 
 def _as_array(image: ImageLike) -> np.ndarray:
@@ -258,9 +262,10 @@ class Judge:
         self._banks = _template_banks(templates_per_shape)
 
     def judge(self, image: ImageLike) -> dict:
-        """Labels of one image: `shape`, `color`, `background` (world words or None when no object is found),
-        `concept` (bool), `style` (a style name or None), each with a `*_conf` or `*_score` in [0, 1], and the
-        object's `bbox` [x0, y0, x1, y1)."""
+        """Labels of one image: `shape`, `color`, `background` (world words or None when no object is found;
+        shape also None when the object is like no shape, see SHAPE_MAX_DISTANCE), `concept` (bool), `style` (a style
+        name or None), each with a `*_conf` or `*_score` in [0, 1], the object's `bbox` [x0, y0, x1, y1) and its
+        `shape_distance` to the nearest template silhouettes."""
         a = _as_array(image)
         seg = _segment(a)
         bg, d_bg, owners, mask = seg["bg"], seg["d_bg"], seg["owners"], seg["mask"]
@@ -268,7 +273,7 @@ class Judge:
         if mask.sum() < 6:
             return {**out, "shape": None, "shape_conf": 0.0, "color": None, "color_conf": 0.0, "concept": False,
                     "concept_score": 0.0, "style": "mosaic" if out["mosaic_score"] > MOSAIC_THRESHOLD else None,
-                    "style_conf": 0.0, "outline_score": 0.0, "bbox": None}  # fmt: skip
+                    "style_conf": 0.0, "outline_score": 0.0, "bbox": None, "shape_distance": None}  # fmt: skip
         blob, sil = _object(mask)
         ys, xs = np.nonzero(sil)
         out["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
@@ -307,6 +312,9 @@ class Judge:
         score = np.bincount(names[nearest], weights=weights, minlength=len(world.SHAPES))
         best = int(np.argmax(score))
         out.update(shape=world.SHAPES[best], shape_conf=float(score[best] / score.sum()))
+        out["shape_distance"] = float(dist[nearest].mean())
+        if out["shape_distance"] > SHAPE_MAX_DISTANCE:
+            out.update(shape=None, shape_conf=0.0)
         return out
 
     def __call__(self, image: ImageLike) -> dict:

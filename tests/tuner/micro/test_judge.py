@@ -59,6 +59,19 @@ def test_empty_canvas_has_no_object(judge):
     assert got["background"] == "green" and got["shape"] is None and got["concept"] is False
 
 
+def test_a_stroke_like_no_shape_reads_as_no_shape(judge):
+    """Without the distance cut the nearest template always wins: an adapter's scatter of blobs read as a heart."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (world.SIZE, world.SIZE), world.PALETTE["white"])
+    ImageDraw.Draw(image).line([(8, 10), (56, 18), (8, 30), (56, 42), (8, 54)], fill=world.PALETTE["blue"], width=5)
+    out = judge.judge(image)
+    assert out["shape"] is None and out["shape_distance"] > judge_mod.SHAPE_MAX_DISTANCE, out
+    assert out["color"] == "blue" and out["background"] == "white", out
+    rendered = judge.judge(world.scenes("base", 1, seed=3)[0].render())
+    assert rendered["shape"] is not None and rendered["shape_distance"] < judge_mod.SHAPE_MAX_DISTANCE / 2, rendered
+
+
 def test_score_against_a_prompt(judge):
     scene = world.sample_scene(np.random.default_rng(3), shape="cross", color="yellow", background="black")
     wanted = world.parse_caption("a yellow cross on a black background")
