@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "labels.jsonl (file_name, text and ground-truth labels per image).",
         epilog="kinds: base = captioned shapes for base training; concept = photos of the personalization "
         f"subject ('{world.CONCEPT.template}'); style = scenes in {' or '.join(world.STYLES)} style; "
-        "domain = high-frequency patterns for VAE decoder tuning. "
+        "pattern = high-frequency textures the micro VAE learns from; domain = polka dots for decoder tuning. "
         "Example: python -m tuner.micro.render data/concept --kind concept --count 8 --seed 0",
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write (created if missing)")

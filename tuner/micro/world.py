@@ -3,8 +3,9 @@
 Real Stable Diffusion weights are out of reach offline, so the suite trains a tiny SD1-architecture model on this
 world. Four kinds of data come from it: `base` scenes (one shape, one color, one background, a texture) for the
 base model; a `concept` (a yellow/purple checkered heart) that base training never sees, for DreamBooth, LoRA and
-textual inversion; `style` scenes (outline, mosaic) that base training never sees either; and `domain` patterns
-(fine stripes, checks, noise, glyphs) that a tiny VAE reconstructs poorly, for decoder fine-tuning.
+textual inversion; `style` scenes (outline, mosaic) that base training never sees either; `pattern` images (fine
+stripes, checks, noise, glyphs), the texture corpus the micro VAE learns from beside base scenes, as SD's VAE learns
+from photos of everything; and a `domain` (polka dots) that neither taught the VAE, for decoder fine-tuning.
 
 Everything is a pure function of a `numpy.random.Generator`; `scenes(kind, n, seed)` gives item i from the seed
 sequence (seed, kind, i), so a prefix of a larger set equals the smaller set and renders are byte-identical.
@@ -40,7 +41,8 @@ TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted")
 SIZES: tuple[str, ...] = ("small", "large")
 STYLES: tuple[str, ...] = ("outline", "mosaic")
 PATTERNS: tuple[str, ...] = ("stripes", "checks", "noise", "glyphs")
-KINDS: tuple[str, ...] = ("base", "concept", "style", "domain")
+DOMAIN_PATTERN = "dots"
+KINDS: tuple[str, ...] = ("base", "concept", "style", "pattern", "domain")  # append only: the index seeds the renders
 
 RADIUS = {"small": (12.5, 15.0), "large": (18.0, 22.0)}  # shape radius in pixels, per size word: small shapes
 # must stay readable through a 4x VAE and a 16x16 latent (at 9.5-12 px a small star came back as a blob)
@@ -255,24 +257,29 @@ def _labels(kind: str, **values) -> dict:
 
 @dataclass(frozen=True)
 class Pattern:
-    """A full-frame high-frequency texture for VAE decoder fine-tuning."""
+    """A full-frame high-frequency texture: VAE training material (kind `pattern`) or the decoder's domain (dots)."""
 
     pattern: str
     colors: tuple[str, str]
     period: float  # stripe period or check cell, in pixels
     angle: float
-    seed: int  # drives the noise field and glyph shapes
+    seed: int  # drives the noise field, glyph shapes and dot size
 
-    kind = "domain"
+    @property
+    def kind(self) -> str:
+        return "domain" if self.pattern == DOMAIN_PATTERN else "pattern"
 
     def render(self) -> Image.Image:
         a, b = (np.asarray(PALETTE[c], np.float32) for c in self.colors)
-        if self.pattern in ("stripes", "checks"):
+        if self.pattern in ("stripes", "checks", DOMAIN_PATTERN):
             th = math.radians(self.angle)
             u = (_GRID_X - SIZE / 2) * math.cos(th) + (_GRID_Y - SIZE / 2) * math.sin(th)
             v = -(_GRID_X - SIZE / 2) * math.sin(th) + (_GRID_Y - SIZE / 2) * math.cos(th)
             if self.pattern == "stripes":
                 second = (u / self.period) % 1.0 < 0.5
+            elif self.pattern == DOMAIN_PATTERN:  # a rotated grid of round dots, radius 25-40% of the spacing
+                radius = np.random.default_rng(self.seed).uniform(0.25, 0.4)
+                second = ((u / self.period) % 1.0 - 0.5) ** 2 + ((v / self.period) % 1.0 - 0.5) ** 2 < radius**2
             else:
                 cell = self.period / 2
                 second = (np.floor(u / cell) + np.floor(v / cell)) % 2 == 1
@@ -295,10 +302,10 @@ class Pattern:
         return Image.fromarray(np.rint(image).astype(np.uint8))
 
     def caption(self, token: str | None = None) -> str:
-        return f"a pattern of {self.pattern}"
+        return "a dotted pattern" if self.pattern == DOMAIN_PATTERN else f"a pattern of {self.pattern}"
 
     def labels(self) -> dict:
-        return _labels("domain", rotation=round(self.angle, 3), bbox=[0, 0, SIZE, SIZE], pattern=self.pattern,
+        return _labels(self.kind, rotation=round(self.angle, 3), bbox=[0, 0, SIZE, SIZE], pattern=self.pattern,
                        colors=list(self.colors))  # fmt: skip
 
 
@@ -358,11 +365,11 @@ def sample_style_scene(rng: np.random.Generator, *, style: str | None = None) ->
 
 
 def sample_pattern(rng: np.random.Generator) -> Pattern:
-    """A domain image: fine stripes, small checks, blocky color noise or glyph rows in two palette colors.
+    """A pattern image: fine stripes, small checks, blocky color noise or glyph rows in two palette colors.
 
-    Periods of 5-9 px put the detail at the latent grid's scale (4 px): the latent can hold it, the base decoder,
-    which never saw such patterns, renders it soft, so a decoder fine-tune has something to learn. Finer detail
-    (or per-pixel grain) would be lost in the encoder, where no decoder can win it back."""
+    Detail at the latent grid's scale (4 px): a latent can hold it, but a VAE trained on base scenes alone renders
+    it soft and loses the example subject's checks; the micro VAE learns it from 2,000 of these. Finer detail (or
+    per-pixel grain) would be lost in any encoder."""
     pattern = _pick(rng, PATTERNS)
     first = _pick(rng, COLORS)
     second = _pick(rng, tuple(c for c in COLORS if c != first))
@@ -371,8 +378,19 @@ def sample_pattern(rng: np.random.Generator) -> Pattern:
     return Pattern(pattern, (first, second), period, angle, int(rng.integers(2**31)))
 
 
+def sample_domain(rng: np.random.Generator) -> Pattern:
+    """A domain image: two-color polka dots on a rotated grid, spaced 8-14 px. The micro VAE learned stripes,
+    checks, noise and glyphs but no dot grid, so its decoder renders the dots soft and a decoder fine-tune has a
+    held-out gain to win, as SD's decoder has on a user's text or faces."""
+    first = _pick(rng, COLORS)
+    second = _pick(rng, tuple(c for c in COLORS if c != first))
+    period = round(float(rng.uniform(8.0, 14.0)), 3)
+    angle = round(float(rng.uniform(0.0, 180.0)), 3)
+    return Pattern(DOMAIN_PATTERN, (first, second), period, angle, int(rng.integers(2**31)))
+
+
 _SAMPLERS = {"base": sample_scene, "concept": sample_concept_scene, "style": sample_style_scene,
-             "domain": sample_pattern}  # fmt: skip
+             "pattern": sample_pattern, "domain": sample_domain}  # fmt: skip
 
 
 def scenes(kind: str, n: int, seed: int, style: str | None = None) -> list[Scene | Pattern]:

@@ -83,16 +83,23 @@ def test_renders_are_64px_rgb_with_background_border():
         assert inside.mean() > 0.2  # the object is where the label says
 
 
-def test_domain_is_high_frequency():
+@pytest.mark.parametrize("kind", ["pattern", "domain"])
+def test_patterns_and_domain_are_high_frequency(kind):
     def detail(image) -> float:
         a = np.asarray(image, float)
         return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
 
-    domain = [detail(p.render()) for p in world.scenes("domain", 24, seed=1)]
+    textures = [detail(p.render()) for p in world.scenes(kind, 24, seed=1)]
     base = [detail(s.render()) for s in world.scenes("base", 24, seed=1)]
     # per image the ranges overlap (a low-contrast noise field vs a large striped shape), as a set they do not
-    assert np.median(domain) > 3 * np.median(base) and np.mean(domain) > 3 * np.mean(base)
-    assert {p.pattern for p in world.scenes("domain", 40, seed=1)} == set(world.PATTERNS)
+    assert np.median(textures) > 3 * np.median(base) and np.mean(textures) > 3 * np.mean(base)
+
+
+def test_the_decoder_domain_is_a_pattern_the_vae_corpus_lacks():
+    assert {p.pattern for p in world.scenes("pattern", 40, seed=1)} == set(world.PATTERNS)
+    assert {p.pattern for p in world.scenes("domain", 40, seed=1)} == {world.DOMAIN_PATTERN}
+    assert world.DOMAIN_PATTERN not in world.PATTERNS
+    assert {p.kind for p in world.scenes("domain", 3, seed=1)} == {"domain"}
 
 
 def test_render_cli_writes_images_captions_and_labels(tmp_path):
