@@ -370,23 +370,23 @@ def sample_pattern(rng: np.random.Generator) -> Pattern:
     Detail at the latent grid's scale (4 px): a latent can hold it, but a VAE trained on base scenes alone renders
     it soft and loses the example subject's checks; the micro VAE learns it from 2,000 of these. Finer detail (or
     per-pixel grain) would be lost in any encoder."""
-    pattern = _pick(rng, PATTERNS)
-    first = _pick(rng, COLORS)
-    second = _pick(rng, tuple(c for c in COLORS if c != first))
-    period = round(float(rng.uniform(8.0, 14.0)), 3)
-    angle = round(float(rng.uniform(0.0, 180.0)), 3)
-    return Pattern(pattern, (first, second), period, angle, int(rng.integers(2**31)))
+    return _two_tone(rng, _pick(rng, PATTERNS))
 
 
 def sample_domain(rng: np.random.Generator) -> Pattern:
     """A domain image: two-color polka dots on a rotated grid, spaced 8-14 px. The micro VAE learned stripes,
     checks, noise and glyphs but no dot grid, so its decoder renders the dots soft and a decoder fine-tune has a
     held-out gain to win, as SD's decoder has on a user's text or faces."""
+    return _two_tone(rng, DOMAIN_PATTERN)
+
+
+def _two_tone(rng: np.random.Generator, pattern: str) -> Pattern:
+    """`pattern` in two distinct palette colors, with a period of 8-14 px, an angle and a seed of its own."""
     first = _pick(rng, COLORS)
     second = _pick(rng, tuple(c for c in COLORS if c != first))
     period = round(float(rng.uniform(8.0, 14.0)), 3)
     angle = round(float(rng.uniform(0.0, 180.0)), 3)
-    return Pattern(DOMAIN_PATTERN, (first, second), period, angle, int(rng.integers(2**31)))
+    return Pattern(pattern, (first, second), period, angle, int(rng.integers(2**31)))
 
 
 _SAMPLERS = {"base": sample_scene, "concept": sample_concept_scene, "style": sample_style_scene,
