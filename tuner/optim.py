@@ -63,8 +63,6 @@ def _import(module: str, pip_name: str, optimizer: str):
 
 
 def _bitsandbytes(device: torch.device):
-    # Importing bitsandbytes on CPU logs a harmless warning about an optional 4-bit kernel; keep it quiet.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     bnb = _import("bitsandbytes", "bitsandbytes>=0.50", "adamw8bit")
     if device.type == "cpu" and _version(bnb.__version__) < BNB_CPU_MIN_VERSION:
         raise ConfigError(
