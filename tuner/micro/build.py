@@ -1,11 +1,12 @@
 """Regenerate the micro base model end to end with the suite's own trainers and presets.
 
-render the training set -> `tuner.micro.init` (random SD1-architecture pipeline) -> `tuner train --preset
-micro-vae` (whole autoencoder) -> the trained VAE, with its measured latent scale, goes into the pipeline ->
-`tuner train --preset micro-base` (UNet + text encoder from random init, captioned) alongside `micro-vae` as
-decoder-only fine-tuning (frozen encoder, so the UNet's latents keep their meaning) -> the final diffusers
-folder. Each training stage runs as the plain `tuner train` command it prints, single-threaded (on 2 shared cores
-one thread per process is several times faster than two).
+render the training scenes and the pattern corpus -> `tuner.micro.init` (random SD1-architecture pipeline) ->
+`tuner train --preset micro-vae` (whole autoencoder, scenes + patterns) -> the trained VAE, with its measured latent
+scale, goes into the pipeline -> `tuner train --preset micro-base` (UNet from random init, captioned) -> the final
+diffusers folder. Each stage runs as the plain command it prints, by default as two single-threaded processes over
+both cores (DDP over gloo; on 2 shared cores one thread per process is several times faster than two). Optional
+stage 3, beside a one-process stage 2: `micro-vae` as decoder-only fine-tuning (frozen encoder, so the UNet's latents
+keep their meaning).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,8 +23,17 @@ from pathlib import Path
 
 DATA_SEED = 1
 STATS_IMAGES = 256
+PATTERN_SEED, PATTERN_REPEATS = 7, 2
+"""Stage 1 also learns from the world's `pattern` kind (stripes, checks, noise, glyphs), twice per epoch: a VAE
+trained on flat shapes alone decodes any two-tone pattern, such as a personalization subject's, as its average."""
+
 DECODER_SETS = ["decoder.train_whole_vae=false", "optimizer.learning_rate=1e-3", "train.checkpointing_steps=400"]
 """Stage 3 is the micro-vae preset as plain decoder fine-tuning: the encoder, hence the UNet's latents, stays put."""
+
+
+def pattern_subset(folder: Path) -> str:
+    """The `--set` that adds the pattern corpus to stage 1's data (a TOML inline table; JSON quoting is valid TOML)."""
+    return f"data.subsets=[{{path = {json.dumps(str(folder))}, num_repeats = {PATTERN_REPEATS}}}]"
 
 
 def tuner_command(
@@ -39,7 +50,7 @@ def tuner_command(
 
 def shown(command: list[str]) -> str:
     """The command as a user would type it."""
-    text = " ".join(command[1:]).replace("-m accelerate.commands.launch", "accelerate launch")
+    text = shlex.join(command[1:]).replace("-m accelerate.commands.launch", "accelerate launch")
     return text.replace("-m tuner.cli ", "tuner ", 1) if "accelerate" not in text else text
 
 
@@ -100,19 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuner.micro.build", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="work folder; the final model lands in OUT_DIR/micro")
     parser.add_argument("--images", type=int, default=8000, help="training images rendered (seed 1)")
+    parser.add_argument(
+        "--patterns", type=int, default=2000, help="pattern images (seed 7) stage 1 also learns from; 0: none"
+    )
     parser.add_argument("--vae-steps", type=int, help="stage-1 steps (default: the micro-vae preset's)")
     parser.add_argument("--unet-steps", type=int, help="stage-2 steps (default: the micro-base preset's)")
     parser.add_argument(
-        "--decoder-steps", type=int, default=1500, help="stage-3 steps (decoder only, frozen encoder); 0 skips it"
+        "--decoder-steps", type=int, default=0, help="stage-3 steps (decoder only, frozen encoder; 0: skipped)"
     )
     parser.add_argument("--decoder-set", action="append", default=[], metavar="K=V", help="extra --set for stage 3")
     parser.add_argument("--vae-set", action="append", default=[], metavar="K=V", help="extra --set for stage 1")
     parser.add_argument("--unet-set", action="append", default=[], metavar="K=V", help="extra --set for stage 2")
+    parser.add_argument("--vae-processes", type=int, default=2, help="stage-1 processes (DDP over gloo)")
     parser.add_argument(
-        "--unet-processes",
-        type=int,
-        default=1,
-        help="stage-2 processes (DDP over gloo; 2 uses both cores when stage 3 is skipped)",
+        "--unet-processes", type=int, default=2, help="stage-2 processes (DDP over gloo; use 1 beside stage 3)"
     )
     parser.add_argument(
         "--vae",
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuner.micro.render import render_set
     from tuner.models import BUILTIN_DIR
 
-    out = args.out_dir
+    began, out = time.time(), args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     data, init, pipe = out / "data", out / "init", out / "pipe"
     timings_path = out / "timings.json"
@@ -136,12 +148,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"python -m tuner.micro.init {init}"]  # fmt: skip
     if not (data / "labels.jsonl").is_file():
         render_set(data, "base", args.images, seed=DATA_SEED)
+    vae_sets = list(args.vae_set)
+    if args.patterns and not args.vae:
+        patterns = out / "patterns"
+        commands.insert(1, f"python -m tuner.micro.render {patterns} --kind pattern --count {args.patterns} "
+                           f"--seed {PATTERN_SEED}")  # fmt: skip
+        if not (patterns / "labels.jsonl").is_file():
+            render_set(patterns, "pattern", args.patterns, seed=PATTERN_SEED)
+        vae_sets.insert(0, pattern_subset(patterns))
     if not (init / "model_index.json").is_file():
         build_micro_pipeline(seed=0).save_pretrained(init, safe_serialization=True)
-    # unet and decoder run side by side: the decoder-only stage keeps the stage-1 encoder, so the latents the UNet
-    # learns stay valid while the decoder sharpens (one thread each uses both cores).
+    # a decoder stage runs beside the unet: it keeps the stage-1 encoder, so the latents the UNet learns stay valid.
     stages = [
-        [] if args.vae else [("vae", "micro-vae", init, args.vae_steps, args.vae_set, 1)],
+        [] if args.vae else [("vae", "micro-vae", init, args.vae_steps, vae_sets, args.vae_processes)],
         [
             ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set],
              args.unet_processes),
@@ -184,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"from {vae_final.parent}")  # fmt: skip
     summary = {
         "stages": [timings[name] for name in ("vae", "unet", "decoder") if name in timings],
+        "wall_seconds": time.time() - began,  # this invocation: renders, stages not reused, scale and assembly
         "commands": [
             " ".join(["python -m tuner.micro.build", *(sys.argv[1:] if argv is None else argv)]),
             "# which runs:",
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     timings_path.write_text(json.dumps({**timings, **summary}, indent=1))
     minutes = ", ".join(f"{t['name']} {t['seconds'] / 60:.1f} min" for t in summary["stages"])
-    print(f"wrote {out / 'micro'} ({minutes})")
+    print(f"wrote {out / 'micro'} ({minutes}; {summary['wall_seconds'] / 60:.1f} min in all)")
     if args.install:
         target = BUILTIN_DIR / "micro"
         shutil.rmtree(target, ignore_errors=True)

@@ -89,6 +89,21 @@ def test_build_splits_the_unet_stage_over_processes_with_accelerate():
     assert one.endswith("--set train.max_train_steps=10 --set train.train_batch_size=16") and two.endswith(one[-60:])
 
 
+def test_stage_one_learns_the_pattern_corpus_through_a_shell_safe_set(tmp_path):
+    """The build adds the pattern images to stage 1 as a subset; the printed command must paste back into a shell."""
+    import shlex
+
+    from tuner.config import load_config
+    from tuner.micro.build import PATTERN_REPEATS, pattern_subset, shown, tuner_command
+
+    folder = tmp_path / "my patterns" / 'odd "name"'
+    assignment = pattern_subset(folder)
+    (subset,) = load_config(preset="micro-vae", sets=[assignment]).data.subsets
+    assert subset.path == str(folder) and subset.num_repeats == PATTERN_REPEATS
+    command = tuner_command("micro-vae", tmp_path / "init", tmp_path / "data", tmp_path / "vae", 5, [assignment], 2)
+    assert shlex.split(shown(command))[-2:] == ["--set", assignment]
+
+
 def test_the_micro_scheduler_has_zero_terminal_snr_and_predicts_v():
     """The background of a micro scene must not leak through the last noise step (tuner/micro/README.md)."""
     from tuner.micro.init import build_micro_pipeline
