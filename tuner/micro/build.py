@@ -48,6 +48,12 @@ def tuner_command(
             "--output-dir", str(out), *(a for s in sets for a in ("--set", s))]  # fmt: skip
 
 
+def split_batch(sets: list[str], global_batch: int, processes: int) -> list[str]:
+    """The preset's (or a --*-set's) batch is the global one: each process gets its share, stated once."""
+    per_process = f"train.train_batch_size={max(1, global_batch // processes)}"
+    return [*(s for s in sets if s.partition("=")[0].strip() != "train.train_batch_size"), per_process]
+
+
 def shown(command: list[str]) -> str:
     """The command as a user would type it."""
     text = shlex.join(command[1:]).replace("-m accelerate.commands.launch", "accelerate launch")
@@ -173,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, preset, model, steps, extra, processes in group:
             defaults = load_config(preset=preset, sets=extra).train
             steps = steps or defaults.max_train_steps
-            if processes > 1:  # the preset's batch is the global one: split it over the processes
-                extra = [*extra, f"train.train_batch_size={max(1, defaults.train_batch_size // processes)}"]
+            if processes > 1:
+                extra = split_batch(extra, defaults.train_batch_size, processes)
             command = tuner_command(preset, model, data, out / name, steps, extra, processes)
             commands.append("OMP_NUM_THREADS=1 " + shown(command) + (" &" if len(group) > 1 else ""))
             if (out / name / "artifact.json").is_file() and name in timings:

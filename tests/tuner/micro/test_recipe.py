@@ -89,6 +89,15 @@ def test_build_splits_the_unet_stage_over_processes_with_accelerate():
     assert one.endswith("--set train.max_train_steps=10 --set train.train_batch_size=16") and two.endswith(one[-60:])
 
 
+def test_a_global_batch_is_split_over_processes_and_stated_once():
+    from tuner.micro.build import split_batch
+
+    sets = ["data.cache_dir=/c", "train.train_batch_size = 64", "optimizer.learning_rate=1e-3"]
+    split = ["data.cache_dir=/c", "optimizer.learning_rate=1e-3", "train.train_batch_size=32"]
+    assert split_batch(sets, 64, 2) == split
+    assert split_batch([], 1, 2) == ["train.train_batch_size=1"]
+
+
 def test_stage_one_learns_the_pattern_corpus_through_a_shell_safe_set(tmp_path):
     """The build adds the pattern images to stage 1 as a subset; the printed command must paste back into a shell."""
     import shlex
