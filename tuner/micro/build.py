@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-set", action="append", default=[], metavar="K=V", help="extra --set for stage 2")
     parser.add_argument("--vae-processes", type=int, default=2, help="stage-1 processes (DDP over gloo)")
     parser.add_argument(
-        "--unet-processes", type=int, default=2, help="stage-2 processes (DDP over gloo; use 1 beside stage 3)"
+        "--unet-processes", type=int, help="stage-2 processes (DDP over gloo; default 2, or 1 beside stage 3)"
     )
     parser.add_argument(
         "--vae",
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         [] if args.vae else [("vae", "micro-vae", init, args.vae_steps, vae_sets, args.vae_processes)],
         [
             ("unet", "micro-base", pipe, args.unet_steps, [f"data.cache_dir={out / 'cache'}", *args.unet_set],
-             args.unet_processes),
+             args.unet_processes or (1 if args.decoder_steps else 2)),
             *([("decoder", "micro-vae", pipe, args.decoder_steps, [*DECODER_SETS, *args.decoder_set], 1)]
               if args.decoder_steps else []),
         ],
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "stages": [timings[name] for name in ("vae", "unet", "decoder") if name in timings],
         "wall_seconds": time.time() - began,  # this invocation: renders, stages not reused, scale and assembly
         "commands": [
-            " ".join(["python -m tuner.micro.build", *(sys.argv[1:] if argv is None else argv)]),
+            "python -m tuner.micro.build " + shlex.join(sys.argv[1:] if argv is None else argv),
             "# which runs:",
             *commands,
         ],
