@@ -48,6 +48,15 @@ def tuner_command(
             "--output-dir", str(out), *(a for s in sets for a in ("--set", s))]  # fmt: skip
 
 
+def render_once(folder: Path, kind: str, count: int, seed: int) -> str:
+    """Render a set unless `folder` holds one already (a killed build resumes); returns the command it stands for."""
+    from tuner.micro.render import render_set
+
+    if not (folder / "labels.jsonl").is_file():
+        render_set(folder, kind, count, seed=seed)
+    return f"python -m tuner.micro.render {folder} --kind {kind} --count {count} --seed {seed}"
+
+
 def split_batch(sets: list[str], global_batch: int, processes: int) -> list[str]:
     """The preset's (or a --*-set's) batch is the global one: each process gets its share, stated once."""
     per_process = f"train.train_batch_size={max(1, global_batch // processes)}"
@@ -142,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tuner.config import load_config
     from tuner.micro.init import build_micro_pipeline
-    from tuner.micro.render import render_set
     from tuner.models import BUILTIN_DIR
 
     began, out = time.time(), args.out_dir
@@ -150,18 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     data, init, pipe = out / "data", out / "init", out / "pipe"
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    commands = [f"python -m tuner.micro.render {data} --count {args.images} --seed {DATA_SEED}",
-                f"python -m tuner.micro.init {init}"]  # fmt: skip
-    if not (data / "labels.jsonl").is_file():
-        render_set(data, "base", args.images, seed=DATA_SEED)
+    commands = [render_once(data, "base", args.images, DATA_SEED)]
     vae_sets = list(args.vae_set)
     if args.patterns and not args.vae:
-        patterns = out / "patterns"
-        commands.insert(1, f"python -m tuner.micro.render {patterns} --kind pattern --count {args.patterns} "
-                           f"--seed {PATTERN_SEED}")  # fmt: skip
-        if not (patterns / "labels.jsonl").is_file():
-            render_set(patterns, "pattern", args.patterns, seed=PATTERN_SEED)
-        vae_sets.insert(0, pattern_subset(patterns))
+        commands.append(render_once(out / "patterns", "pattern", args.patterns, PATTERN_SEED))
+        vae_sets.insert(0, pattern_subset(out / "patterns"))
+    commands.append(f"python -m tuner.micro.init {init}")
     if not (init / "model_index.json").is_file():
         build_micro_pipeline(seed=0).save_pretrained(init, safe_serialization=True)
     # a decoder stage runs beside the unet: it keeps the stage-1 encoder, so the latents the UNet learns stay valid.

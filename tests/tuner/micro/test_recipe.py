@@ -113,6 +113,21 @@ def test_stage_one_learns_the_pattern_corpus_through_a_shell_safe_set(tmp_path):
     assert shlex.split(shown(command))[-2:] == ["--set", assignment]
 
 
+def test_a_build_render_prints_the_command_that_renders_it_again(tmp_path):
+    import shlex
+
+    from tuner.micro import render
+    from tuner.micro.build import render_once
+
+    command = render_once(tmp_path / "built", "pattern", 3, 7)
+    assert render_once(tmp_path / "built", "pattern", 3, 7) == command  # a finished set is reused, not redrawn
+    argv = shlex.split(command)[3:]
+    argv[0] = str(tmp_path / "again")
+    assert render.main(argv) == 0
+    for built in sorted((tmp_path / "built").iterdir()):
+        assert (tmp_path / "again" / built.name).read_bytes() == built.read_bytes(), built.name
+
+
 def test_the_micro_scheduler_has_zero_terminal_snr_and_predicts_v():
     """The background of a micro scene must not leak through the last noise step (tuner/micro/README.md)."""
     from tuner.micro.init import build_micro_pipeline
