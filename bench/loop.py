@@ -49,8 +49,8 @@ class FullUNetTrainer(Trainer):
     first_batch: dict | None = None
 
     def prepare(self, parts) -> Trainables:
-        parts.unet.requires_grad_(True)
-        return Trainables({"unet": parts.unet}, [{"name": "unet", "params": list(parts.unet.parameters())}])
+        parts.denoiser.requires_grad_(True)
+        return Trainables({"unet": parts.denoiser}, [{"name": "unet", "params": list(parts.denoiser.parameters())}])
 
     def compute_loss(self, parts, batch):
         FullUNetTrainer.starts.append(_now())
@@ -144,8 +144,8 @@ def bare_steps(model: Path, cfg: RunConfig, batch: dict, count: int) -> tuple[li
     from tuner.optim import build_optimizer, optimizer_state_bytes
 
     parts = load_parts(str(model))
-    parts.unet.requires_grad_(True)
-    groups = [{"name": "unet", "params": list(parts.unet.parameters())}]
+    parts.denoiser.requires_grad_(True)
+    groups = [{"name": "unet", "params": list(parts.denoiser.parameters())}]
     optimizer = build_optimizer(cfg.optimizer, groups)
     generator = torch.Generator().manual_seed(0)
     options = LossOptions.from_config(cfg)

@@ -110,7 +110,7 @@ class DecoderTrainer(Trainer):
     def prepare(self, parts: Parts) -> Trainables:
         cfg = self.method_config
         vae = parts.unwrapped(parts.vae)
-        for module in (parts.unet, vae, *parts.text_encoders):
+        for module in (parts.denoiser, vae, *parts.text_encoders):
             module.requires_grad_(False)
         if cfg.lpips_weight > 0:  # fail before training, not at the first step
             try:
@@ -295,7 +295,7 @@ class DecoderTrainer(Trainer):
         val = self.config.validation
         prompts, seeds = validation_prompt_list(self), list(val.seeds) or [0]
         kwargs = sampling_kwargs(self.config)
-        with sampling_mode([parts.unet, parts.vae, *parts.text_encoders], parts.weight_dtype):
+        with sampling_mode([parts.denoiser, parts.vae, *parts.text_encoders], parts.weight_dtype):
             pipe = validation_pipeline(parts, val.scheduler)
             if self._base_samples is None:  # base UNet + base decoder never change: render them once
                 with self.base_vae(parts):

@@ -11,6 +11,7 @@ the class prompt. The text encoder(s) can train throughout or only for the first
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -89,37 +90,41 @@ class DreamBoothTrainer(Trainer):
             raise ConfigError('data.class_prompt: prior preservation needs one, e.g. "a photo of dog"')
         self.loss_options = LossOptions.from_config(config)
         self.frozen_unet = None
+        self.adapter = None  # the LoRA trainer, for DreamBooth-LoRA
 
     @property
     def _te_trains(self) -> bool:
         return self.method_config.train_text_encoder
 
     # --- contract -------------------------------------------------------------------------------------
+    def capability(self) -> str:
+        return "dreambooth-lora" if self.method_config.lora else "dreambooth"
+
     def prepare(self, parts: Parts) -> Trainables:
         cfg, data = self.method_config, self.config.data
         identifier = self._identifier()
         for warning in check_identifier(parts, identifier) if identifier else []:
             log.warning("warning: %s", warning)
+        if cfg.lora:  # DreamBooth-LoRA is the LoRA trainer's own path, with this table's rank and alpha
+            self.adapter = self._lora_trainer()
+            return self.adapter.prepare(parts)
         if data.with_prior_preservation and data.prior_mode == "model":
-            # Image-free prior: the frozen base UNet's prediction on the class prompt is the class target.
-            self.frozen_unet = copy.deepcopy(parts.unet).requires_grad_(False).eval()
+            # Image-free prior: the frozen base denoiser's prediction on the class prompt is the class target.
+            self.frozen_unet = copy.deepcopy(parts.denoiser).requires_grad_(False).eval()
         lr = self.config.optimizer.learning_rate
         te_lr = self.config.optimizer.text_encoder_lr or lr
-        if cfg.lora:
-            groups = self._inject_lora(parts)
-        else:
-            parts.unet.requires_grad_(True)
-            parts.unet.to(torch.float32)
-            groups = [{"name": "unet", "params": [p for p in parts.unet.parameters() if p.requires_grad], "lr": lr}]
-        modules: dict[str, Any] = {"unet": parts.unet}
+        parts.denoiser.requires_grad_(True)
+        parts.denoiser.to(torch.float32)
+        trained = [p for p in parts.denoiser.parameters() if p.requires_grad]
+        groups = [{"name": "denoiser", "params": trained, "lr": lr}]
+        modules: dict[str, Any] = {"denoiser": parts.denoiser}
         if self._te_trains:
-            # Trained text encoders (whole, or their LoRA) go to accelerate too, so DDP syncs them like the UNet.
-            modules.update(parts.text_encoder_modules())
-        if self._te_trains and not cfg.lora:
-            for i, encoder in enumerate(parts.text_encoders):
+            # Trained text encoders go to accelerate too, so DDP syncs them like the denoiser.
+            modules.update(parts.text_encoder_modules(adaptable_only=True))
+            for name, encoder in parts.text_encoder_modules(adaptable_only=True).items():
                 encoder.requires_grad_(True)
                 encoder.to(torch.float32)
-                groups.append({"name": f"text_encoder_{i}", "params": list(encoder.parameters()), "lr": te_lr})
+                groups.append({"name": name, "params": list(encoder.parameters()), "lr": te_lr})
         needs = {"latents", "input_ids" if self._te_trains else "text_embeds"}
         return Trainables(modules=modules, param_groups=groups, needs=frozenset(needs))
 
@@ -130,23 +135,28 @@ class DreamBoothTrainer(Trainer):
             with torch.no_grad():
                 embeds, pooled = encode_tokens(parts, batch["input_ids"])
             batch = {**batch, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        prior_target = self._frozen_prediction if self.frozen_unet is not None else None
+        if self.adapter is not None:
+            self.adapter.global_step = self.global_step
+            return self.adapter.compute_loss(parts, batch)
+        prior_target = functools.partial(self._frozen_prediction, parts) if self.frozen_unet is not None else None
         return diffusion_loss(parts, batch, self.loss_options, batch.get("generator"), prior_target=prior_target)
 
-    def _frozen_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def _frozen_prediction(self, parts: Parts, noisy, timesteps, cond: dict[str, Any]) -> torch.Tensor:
         frozen = self.frozen_unet
         if frozen.device != noisy.device:
             frozen.to(noisy.device)
-        dtype = next(frozen.parameters()).dtype
-        cond = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in cond.items()}
-        return frozen(noisy.to(dtype), timesteps, **cond).sample
+        return parts.family.predict(parts, frozen, noisy, timesteps, cond)
 
     def save(self, parts: Parts, out_dir: Path) -> Artifact:
-        if self.method_config.lora:
-            return self._save_lora(parts, out_dir)
+        if self.adapter is not None:
+            self.adapter.global_step = self.global_step
+            artifact = self.adapter.save(parts, out_dir)
+            artifact.method, artifact.trigger = self.name, self._identifier() or artifact.trigger
+            artifact.extra["lora"] = True
+            return artifact
         from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-        unet = parts.unwrapped(parts.unet)
+        unet = parts.unwrapped(parts.denoiser)
         base = self.config.model.pretrained_model_name_or_path
         if self.method_config.save_format == "unet":
             target = out_dir / "unet"
@@ -178,31 +188,19 @@ class DreamBoothTrainer(Trainer):
         return prompts + ([data.class_prompt] if data.class_prompt else [])
 
     # --- DreamBooth-LoRA -------------------------------------------------------------------------------
-    def _lora_settings(self):
-        from trainers.lora import LoraConfig
+    def _lora_trainer(self):
+        """The LoRA trainer on this run, its `[lora]` table made from `[dreambooth]`'s rank and alpha: one
+        DreamBooth-LoRA code path whether a run says `method = "lora"` with prior preservation or `lora = true`."""
+        from trainers.lora import LoraConfig, LoraTrainer
 
         cfg = self.method_config
-        return LoraConfig(rank=cfg.rank, alpha=cfg.alpha or cfg.rank, train_text_encoder=self._te_trains)
-
-    def _inject_lora(self, parts: Parts) -> list[dict[str, Any]]:
-        from trainers.lora import inject_lora
-
-        return inject_lora(parts, self._lora_settings(), self.config)
+        settings = LoraConfig(rank=cfg.rank, alpha=cfg.alpha or cfg.rank, train_text_encoder=self._te_trains)
+        trainer = LoraTrainer(self.config, settings)
+        trainer.global_step = self.global_step
+        return trainer
 
     def set_adapter_scale(self, parts: Parts, scale: float) -> bool:
-        if not self.method_config.lora:
-            return False
-        from trainers.lora import set_lora_scale
-
-        set_lora_scale(parts, scale)
-        return True
-
-    def _save_lora(self, parts: Parts, out_dir: Path) -> Artifact:
-        from trainers.lora import save_lora
-
-        extra: dict[str, Any] = {"lora": True}
-        files = save_lora(parts, self._lora_settings(), self.config, out_dir, extra)
-        return self.artifact(parts, files, self._identifier(), extra)
+        return self.adapter.set_adapter_scale(parts, scale) if self.adapter is not None else False
 
     def _identifier(self) -> str | None:
         data = self.config.data

@@ -18,23 +18,16 @@ from torch import nn
 
 from tuner.config import MethodConfig
 from tuner.errors import TunerError
+from tuner.families.unet import LORA_PRESETS
 from tuner.losses import LossOptions, diffusion_loss
 from tuner.models import Parts
 from tuner.trainer import Artifact, ArtifactFile, Trainables, Trainer
 
 ADAPTER_NAME = "tuner"
 
-_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-_FF = ["ff.net.0.proj", "ff.net.2"]
-_RESNET = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
-UNET_PRESETS: dict[str, list[str]] = {
-    "attn": _ATTN,
-    "attn+ff": _ATTN + _FF,
-    # kohya's default LoRA targets: every linear / 1x1 conv of the transformer blocks.
-    "transformer": _ATTN + _FF + ["proj_in", "proj_out"],
-    # LoCon: the transformer targets plus the resnet, down- and upsampler convolutions.
-    "locon": _ATTN + _FF + ["proj_in", "proj_out"] + _RESNET,
-}
+UNET_PRESETS: dict[str, list[str]] = {name: list(targets) for name, targets in LORA_PRESETS.items()}
+DENOISER_PRESETS = (*UNET_PRESETS, "all-linear")
+"""Target-set names across families; each family says which it has (`Family.lora_targets`)."""
 TEXT_ENCODER_PRESETS: dict[str, list[str]] = {
     "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "attn+mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
@@ -53,7 +46,9 @@ class LoraConfig(MethodConfig):
     variant: Literal["lora", "dora", "loha", "lokr"] = "lora"
     """`lora`, `dora` (weight-decomposed), `loha` (Hadamard product) or `lokr` (Kronecker product)."""
     unet_target_modules: str | list[str] = "attn"
-    """UNet modules: a preset (`attn`, `attn+ff`, `transformer`, `locon`) or module-name suffixes."""
+    """Denoiser (UNet or transformer) modules: a preset or module-name suffixes. UNet: `attn`, `attn+ff`,
+    `transformer`, `locon`, `all-linear`. SD3 / Flux: `attn` (image and context projections), `attn+ff`,
+    `all-linear` (every linear layer but norms, embedders and the final layer)."""
     train_text_encoder: bool = False
     """Also put adapters on the text encoder(s)."""
     text_encoder_target_modules: str | list[str] = "attn"
@@ -72,7 +67,7 @@ class LoraConfig(MethodConfig):
     @field_validator("unet_target_modules", "text_encoder_target_modules")
     @classmethod
     def _targets(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
-        presets = UNET_PRESETS if info.field_name == "unet_target_modules" else TEXT_ENCODER_PRESETS
+        presets = DENOISER_PRESETS if info.field_name == "unet_target_modules" else TEXT_ENCODER_PRESETS
         if isinstance(value, str) and value not in presets:
             raise ValueError(f"unknown preset {value!r}; allowed: {', '.join(presets)} or a list of module names")
         if isinstance(value, list) and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
@@ -90,19 +85,25 @@ class LoraConfig(MethodConfig):
         return self.alpha if self.alpha is not None else float(self.rank)
 
     def targets(self, text_encoder: bool = False) -> list[str]:
+        """Target suffixes of the text encoders, or of a UNet (transformers: `lora_targets`)."""
         value = self.text_encoder_target_modules if text_encoder else self.unet_target_modules
         if isinstance(value, str):
             return list((TEXT_ENCODER_PRESETS if text_encoder else UNET_PRESETS)[value])
         return list(value)
 
 
-def peft_config(cfg: LoraConfig, text_encoder: bool = False):
+def lora_targets(parts: Parts, cfg: LoraConfig) -> list[str]:
+    """The denoiser's peft `target_modules`: the family resolves preset names against the model."""
+    return parts.family.lora_targets(cfg.unet_target_modules, parts.unwrapped(parts.denoiser))
+
+
+def peft_config(cfg: LoraConfig, targets: list[str]):
     """The peft config object for one component."""
     import peft
 
     common = {
         "r": cfg.rank,
-        "target_modules": cfg.targets(text_encoder),
+        "target_modules": targets,
         "rank_pattern": dict(cfg.rank_pattern),
         "alpha_pattern": dict(cfg.alpha_pattern),
     }
@@ -114,10 +115,11 @@ def peft_config(cfg: LoraConfig, text_encoder: bool = False):
 
 
 def adapted_models(parts: Parts) -> dict[str, nn.Module]:
-    """Component name -> unwrapped model, for the UNet and every text encoder."""
-    models = {"unet": parts.unwrapped(parts.unet)}
-    for index, encoder in enumerate(parts.text_encoders):
-        models["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = parts.unwrapped(encoder)
+    """Pipeline component name -> unwrapped model, for the denoiser (`unet` / `transformer`) and every text
+    encoder that can carry an adapter (CLIP, not T5)."""
+    models = {parts.family.denoiser_component: parts.unwrapped(parts.denoiser)}
+    for name, encoder in parts.text_encoder_modules(adaptable_only=True).items():
+        models[name] = parts.unwrapped(encoder)
     return models
 
 
@@ -164,17 +166,19 @@ def inject_lora(parts: Parts, cfg: LoraConfig, run_config: Any) -> list[dict[str
     embeddings) unfreezes them after this call.
     """
     models = adapted_models(parts)
-    for model in models.values():
-        model.requires_grad_(False)
+    for model in (parts.denoiser, *parts.text_encoders):
+        parts.unwrapped(model).requires_grad_(False)
     lr = run_config.optimizer.learning_rate
     te_lr = run_config.optimizer.text_encoder_lr or lr
-    groups = [{"name": "unet_lora", "params": _inject(models["unet"], peft_config(cfg), ADAPTER_NAME), "lr": lr}]
+    denoiser = parts.family.denoiser_component
+    config = peft_config(cfg, lora_targets(parts, cfg))
+    groups = [{"name": f"{denoiser}_lora", "params": _inject(models[denoiser], config, ADAPTER_NAME), "lr": lr}]
     if cfg.train_text_encoder:
         te_params = [
             p
             for name, model in models.items()
-            if name != "unet"
-            for p in _inject(model, peft_config(cfg, text_encoder=True), ADAPTER_NAME)
+            if name != denoiser
+            for p in _inject(model, peft_config(cfg, cfg.targets(text_encoder=True)), ADAPTER_NAME)
         ]
         groups.append({"name": "text_encoder_lora", "params": te_params, "lr": te_lr})
     return groups
@@ -236,14 +240,13 @@ def save_lora(
 
 
 def base_prediction(parts: Parts, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-    """The base UNet's prediction (UNet adapters off): image-free prior preservation without a second UNet."""
-    unet = parts.unwrapped(parts.unet)
-    set_lora_scale(parts, 0.0, components=("unet",))
+    """The base denoiser's prediction (its adapters off): image-free prior preservation without a second copy."""
+    denoiser = (parts.family.denoiser_component,)
+    set_lora_scale(parts, 0.0, components=denoiser)
     try:
-        dtype = next(unet.parameters()).dtype
-        return unet(noisy.to(dtype), timesteps, **cond).sample
+        return parts.family.predict(parts, parts.unwrapped(parts.denoiser), noisy, timesteps, cond)
     finally:
-        set_lora_scale(parts, 1.0, components=("unet",))
+        set_lora_scale(parts, 1.0, components=denoiser)
 
 
 def trigger_words(run_config: Any) -> str | None:
@@ -257,13 +260,25 @@ class LoraTrainer(Trainer):
     Config = LoraConfig
     data_kinds = frozenset({"captioned", "dreambooth"})
 
+    def __init__(self, config, settings: LoraConfig | None = None):
+        super().__init__(config)
+        self.settings = settings  # DreamBooth-LoRA passes its own adapter settings
+
+    @property
+    def method_config(self) -> LoraConfig:
+        return self.settings or super().method_config
+
+    def capability(self) -> str:
+        """DreamBooth-LoRA when the data is a subject with an instance prompt, else plain LoRA."""
+        return "dreambooth-lora" if self.config.data.instance_prompt else "lora"
+
     def prepare(self, parts: Parts) -> Trainables:
         cfg: LoraConfig = self.method_config
         self.loss_options = LossOptions.from_config(self.config)
         groups = inject_lora(parts, cfg, self.config)
-        modules: dict[str, nn.Module] = {"unet": parts.unet}
+        modules: dict[str, nn.Module] = {"denoiser": parts.denoiser}
         if cfg.train_text_encoder:
-            modules.update(parts.text_encoder_modules())
+            modules.update(parts.text_encoder_modules(adaptable_only=True))
         needs = {"latents", "input_ids" if cfg.train_text_encoder else "text_embeds"}
         return Trainables(modules=modules, param_groups=groups, needs=frozenset(needs))
 

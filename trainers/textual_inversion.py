@@ -145,9 +145,12 @@ class TextualInversionTrainer(Trainer):
         return self.method_config.pivotal and self.global_step < self.method_config.pivotal_ti_steps
 
     # --- contract -------------------------------------------------------------------------------------
+    def capability(self) -> str:
+        return "pivotal" if self.method_config.pivotal else self.name
+
     def prepare(self, parts: Parts) -> Trainables:
         cfg = self.method_config
-        for module in (parts.unet, parts.vae, *parts.text_encoders):
+        for module in (parts.denoiser, parts.vae, *parts.text_encoders):
             module.requires_grad_(False)
         groups: list[dict[str, Any]] = []
         if cfg.pivotal:  # inject first: injection freezes whole models, embeddings included
@@ -165,7 +168,7 @@ class TextualInversionTrainer(Trainer):
             "text_encoder" if i == 0 else f"text_encoder_{i + 1}": te for i, te in enumerate(parts.text_encoders)
         }
         if cfg.pivotal:
-            modules["unet"] = parts.unet
+            modules["denoiser"] = parts.denoiser
         groups.insert(0, {"name": "embeddings", "params": params})
         return Trainables(modules=modules, param_groups=groups, needs=frozenset({"latents", "input_ids"}))
 

@@ -1,7 +1,7 @@
-"""Turn a batch into UNet inputs: latents, prompt embeddings, pooled embeddings and SDXL time ids.
+"""Turn a batch into denoiser inputs: scaled latents, and text embeddings made into the family's conditioning.
 
 The data cache and the trainers call the same functions, so a cached tensor and a freshly computed one
-are the same tensor. Family differences live here (via `Family`), not in trainers.
+are the same tensor. Family differences live in `parts.family` (`tuner.families`), not here or in trainers.
 """
 
 from __future__ import annotations
@@ -15,29 +15,12 @@ from tuner.models import Parts
 
 def tokenize(parts: Parts, captions: list[str]) -> list[torch.Tensor]:
     """One padded `input_ids` tensor per tokenizer."""
-    return [
-        tok(
-            captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        for tok in parts.tokenizers
-    ]
+    return parts.family.tokenize(parts, captions)
 
 
 def encode_tokens(parts: Parts, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(prompt_embeds, pooled_prompt_embeds) exactly as the family's stock pipeline computes them.
-
-    SD1/SD2 condition on the last hidden state; SDXL on the penultimate hidden states of both encoders,
-    concatenated, plus the second encoder's projected pooled output.
-    """
-    encoders = parts.text_encoders
-    if parts.family.text_encoders == 1:
-        return encoders[0](input_ids[0].to(parts.device))[0], None
-    hidden, pooled = [], None
-    for encoder, ids in zip(encoders, input_ids):
-        out = encoder(ids.to(parts.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]
-    return torch.cat(hidden, dim=-1), pooled
+    """(prompt_embeds, pooled_prompt_embeds) exactly as the family's stock pipeline computes them."""
+    return parts.family.encode(parts, input_ids)
 
 
 def encode_captions(parts: Parts, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,40 +69,11 @@ def batch_latents(
     return scale_latents(parts, latents.float())
 
 
-def _pixel_size(parts: Parts, batch: dict[str, Any]) -> tuple[int, int]:
-    latent = parts.vae_scale_factor
-    for key, factor in (("pixel_values", 1), ("latent_mean", latent), ("latents", latent)):
-        if key in batch:
-            h, w = batch[key].shape[-2:]
-            return h * factor, w * factor
-    return parts.family.default_resolution, parts.family.default_resolution
-
-
-def time_ids(parts: Parts, batch: dict[str, Any], batch_size: int) -> torch.Tensor:
-    """SDXL micro-conditioning (B, 6): original size, crop top-left and target size as (h, w) pairs.
-
-    The data pipeline records the first two per image; without them the image is taken as uncropped.
-    """
-
-    def pairs(key: str, default: tuple[int, int]) -> torch.Tensor:
-        value = batch.get(key)
-        if value is None:
-            return torch.tensor([default] * batch_size, dtype=torch.float32)
-        return torch.as_tensor(value, dtype=torch.float32).reshape(batch_size, 2)
-
-    size = _pixel_size(parts, batch)
-    return torch.cat([pairs("original_size", size), pairs("crop_top_left", (0, 0)), pairs("target_size", size)], 1)
-
-
 def batch_conditioning(parts: Parts, batch: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for `unet(noisy, t, **kwargs)`: cached embeddings when present, else the encoders."""
+    """Keyword arguments for the family's `predict`: cached embeddings when present, else the encoders."""
     if "prompt_embeds" in batch:
         embeds = batch["prompt_embeds"].to(parts.device)
         pooled = batch.get("pooled_prompt_embeds")
     else:
         embeds, pooled = encode_tokens(parts, batch["input_ids"])
-    kwargs: dict[str, Any] = {"encoder_hidden_states": embeds}
-    if parts.family.uses_time_ids:
-        ids = time_ids(parts, batch, embeds.shape[0]).to(parts.device, dtype=embeds.dtype)
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(parts.device), "time_ids": ids}
-    return kwargs
+    return parts.family.conditioning(parts, embeds, pooled, batch)

@@ -206,13 +206,22 @@ class TrainConfig(Section):
     """Input perturbation of the noise (regularizes, ~0.1)."""
     snr_gamma: float | None = None
     """min-SNR-γ loss weighting (5.0 is the paper's value); none to disable."""
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
-    """How training timesteps are drawn: uniformly, or logit-normal (SD3's: t/T = sigmoid(N(mean, std))), which
-    spends more steps at mid noise, where a picture's layout is decided."""
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    """How training timesteps are drawn: uniformly, logit-normal (SD3's: t/T = sigmoid(N(mean, std))), which
+    spends more steps at mid noise, where a picture's layout is decided, or `mode` (SD3 paper's mode sampling
+    with `mode_scale`; flow-matching models only)."""
     timestep_mean: float = 0.0
     """Mean of the logit-normal's normal; > 0 shifts training toward noisier timesteps."""
     timestep_std: float = Field(1.0, gt=0)
     """Standard deviation of the logit-normal's normal; larger spreads it toward the ends."""
+    mode_scale: float = 1.29
+    """Scale of `mode` timestep sampling (SD3 paper; 0 is uniform)."""
+    weighting_scheme: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Flow-matching loss weighting (SD3 paper): none, sigma_sqrt (1/σ²) or cosmap; UNet models use snr_gamma."""
+    flow_shift: float | None = Field(None, gt=0)
+    """Flow-matching sigma shift; none: the model's scheduler (SD3: static 3.0, Flux: by image size)."""
+    guidance_scale: float = Field(1.0, ge=0)
+    """Embedded guidance fed to guidance-distilled models (FLUX.1-dev) while training; 1.0 as kohya trains."""
     use_ema: bool = False
     """Keep an EMA copy of the trained weights and save it."""
     ema_decay: float = Field(0.9999, gt=0, lt=1)

@@ -45,7 +45,8 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
     from accelerate.utils import DistributedType, set_seed
 
     from tuner.data import build_training_data
-    from tuner.models import load_parts
+    from tuner.losses import LossOptions
+    from tuner.models import check_trainable, load_parts
     from tuner.optim import build_lr_scheduler, build_optimizer
     from tuner.registry import get_trainer
 
@@ -63,8 +64,10 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
     set_seed(tc.seed)
     m = config.model
     weight_dtype = runtime.WEIGHT_DTYPES[tc.mixed_precision]
-    parts = load_parts(m.pretrained_model_name_or_path, m.revision, m.variant, m.vae, accelerator.device, weight_dtype)
     trainer = get_trainer(config.method)(config)
+    check_trainable(m.pretrained_model_name_or_path, m.revision, trainer.capability(), LossOptions.from_config(config))
+    parts = load_parts(m.pretrained_model_name_or_path, m.revision, m.variant, m.vae, accelerator.device, weight_dtype)
+    parts.guidance_scale = tc.guidance_scale
     trainables = trainer.prepare(parts)
     params = trainables.parameters()
     runtime.apply_precision(parts, params, tc.mixed_precision)

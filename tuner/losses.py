@@ -1,7 +1,8 @@
-"""The denoising loss shared by every UNet-training method.
+"""The denoising loss shared by every method that trains the denoiser, on every family.
 
-Noise, timesteps, the epsilon / v-prediction target from the scheduler config, min-SNR-γ weighting, noise
-offset, input perturbation, and the prior-preservation split (instance and class examples in one batch).
+Noise (with offset), the family's objective (`tuner.objectives`: DDPM epsilon / v-prediction with min-SNR-γ,
+or rectified flow with shifted sigmas and SD3's weightings), the family's forward pass, and the
+prior-preservation split (instance and class examples in one batch).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class LossOptions:
     timestep_sampling: str = "uniform"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting_scheme: str = "none"
+    flow_shift: float | None = None
     sample_latents: bool = True
     """Draw each target from the VAE's latent distribution; False takes its mean (`data.latent_cache_mode`)."""
 
@@ -39,6 +43,9 @@ class LossOptions:
             timestep_sampling=config.train.timestep_sampling,
             timestep_mean=config.train.timestep_mean,
             timestep_std=config.train.timestep_std,
+            mode_scale=config.train.mode_scale,
+            weighting_scheme=config.train.weighting_scheme,
+            flow_shift=config.train.flow_shift,
             sample_latents=config.data.latent_cache_mode != "mean",
         )
 
@@ -104,31 +111,21 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     prior_target: Any = None,
 ) -> torch.Tensor:
-    """The training loss of one batch through `parts.unet`.
+    """The training loss of one batch through `parts.denoiser`.
 
     `prior_target`, when given, is a callable `(noisy, timesteps, conditioning) -> Tensor` used for the
     class half instead of the usual target (image-free prior preservation: the frozen model's prediction).
     """
     latents = batch_latents(parts, batch, generator, sample=options.sample_latents)
     noise = sample_noise(latents, options, generator)
-    scheduler = parts.noise_scheduler
-    bsz = latents.shape[0]
-    timesteps = sample_timesteps(bsz, scheduler.config.num_train_timesteps, options, generator).to(latents.device)
-    model_noise = noise
-    if options.input_perturbation:
-        model_noise = noise + options.input_perturbation * torch.randn(noise.shape, generator=generator).to(noise)
-    noisy = scheduler.add_noise(latents, model_noise, timesteps)
+    step = parts.family.objective.noised(parts, latents, noise, options, generator)
     cond = batch_conditioning(parts, batch)
-    unet_dtype = next(parts.unwrapped(parts.unet).parameters()).dtype
-    pred = parts.unet(noisy.to(unet_dtype), timesteps, **cond).sample
-    target = target_for(scheduler, parts.prediction_type, latents, noise, timesteps)
+    pred = parts.family.predict(parts, parts.denoiser, step.noisy, step.timesteps, cond)
+    target = step.target
     is_prior = batch.get("is_prior")
     if prior_target is not None and is_prior is not None and bool(is_prior.any()):
         with torch.no_grad():
-            frozen = prior_target(noisy, timesteps, cond)
+            frozen = prior_target(step.noisy, step.timesteps, cond)
         mask = is_prior.to(target.device, dtype=torch.bool).view(-1, *([1] * (target.ndim - 1)))
         target = torch.where(mask, frozen.to(target.dtype), target)
-    weights = None
-    if options.snr_gamma:
-        weights = min_snr_weights(compute_snr(scheduler, timesteps), options.snr_gamma, parts.prediction_type)
-    return split_prior(per_example_loss(pred, target, weights), is_prior, options.prior_loss_weight)
+    return split_prior(per_example_loss(pred, target, step.weights), is_prior, options.prior_loss_weight)

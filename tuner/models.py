@@ -1,5 +1,7 @@
 """Load the parts of a base pipeline, detect its family and prediction type, and build stock pipelines.
 
+What differs between families lives in `tuner.families`; this module only loads what a family names.
+
 Everything goes through diffusers' and transformers' own `from_pretrained`, so a local folder and a hub
 id take the same path; offline, a hub id fails with a message instead of a trace.
 """
@@ -15,32 +17,10 @@ import torch
 from torch import nn
 
 from tuner.errors import TunerError
+from tuner.families import FAMILIES, Family, family_of_pipeline, variant_of
 
+__all__ = ["FAMILIES", "Family", "Parts", "detect_family", "load_parts"]
 
-@dataclass(frozen=True)
-class Family:
-    """What differs between model families, in one place, so no trainer compares family names."""
-
-    name: str
-    pipeline_class: str
-    text_encoders: int
-    uses_time_ids: bool
-    kohya_version: str
-    modelspec_architecture: str
-    default_resolution: int
-    trainable: bool = True
-
-
-FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "StableDiffusionPipeline", 1, False, "sd_v1", "stable-diffusion-v1", 512),
-    "sd2": Family("sd2", "StableDiffusionPipeline", 1, False, "sd_v2", "stable-diffusion-v2-768-v", 768),
-    "sdxl": Family(
-        "sdxl", "StableDiffusionXLPipeline", 2, True, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", 1024
-    ),
-    # Recognized so users get a clear message; their transformer + flow-matching path is not built yet.
-    "sd3": Family("sd3", "StableDiffusion3Pipeline", 3, False, "sd3", "stable-diffusion-3-medium", 1024, False),
-    "flux": Family("flux", "FluxPipeline", 2, False, "flux1", "flux-1-dev", 1024, False),
-}
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "micro" / "weights"
@@ -90,35 +70,48 @@ def _unreachable(source: str, exc: Exception) -> TunerError:
 
 
 def detect_family(source: str, revision: str | None = None) -> tuple[Family, str]:
-    """(family, prediction_type) from `model_index.json`, the UNet config and the scheduler config."""
+    """(family, prediction_type) from `model_index.json`, the denoiser config and the scheduler config."""
     index = _read_json(source, "model_index.json", revision)
     if not index:
         raise TunerError(f"model {source!r}: no model_index.json; expected a diffusers pipeline folder")
     pipeline = index.get("_class_name", "")
     scheduler = _read_json(source, "scheduler/scheduler_config.json", revision)
     prediction = scheduler.get("prediction_type", "epsilon")
-    if "Flux" in pipeline:
-        return FAMILIES["flux"], "flow_matching"
-    if "StableDiffusion3" in pipeline:
-        return FAMILIES["sd3"], "flow_matching"
-    if "XL" in pipeline:
-        return FAMILIES["sdxl"], prediction
+    for name, marker in (("flux", "Flux"), ("sd3", "StableDiffusion3"), ("sdxl", "XL")):
+        if marker in pipeline:
+            family = FAMILIES[name]
+            if family.objective.name == "flow_matching":
+                config = _read_json(source, f"{family.denoiser_component}/config.json", revision)
+                return variant_of(family, config), "flow_matching"
+            return family, prediction
     if "StableDiffusion" not in pipeline:
-        raise TunerError(f"model {source!r}: pipeline {pipeline!r} is not a Stable Diffusion family pipeline")
+        supported = ", ".join(f"{f.name} ({f.pipeline_class})" for f in FAMILIES.values())
+        raise TunerError(f"model {source!r}: pipeline {pipeline!r} is not a supported family; supported: {supported}")
     unet = _read_json(source, "unet/config.json", revision)
     # SD2 (and only SD2) uses linear projections in its transformer blocks and 1024-wide cross-attention.
     is_sd2 = unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024
     return FAMILIES["sd2" if is_sd2 else "sd1"], prediction
 
 
+def check_trainable(name_or_path: str, revision: str | None, capability: str, loss_options: Any) -> Family:
+    """The model's family, after refusing (before any weight loads) a method or loss option it cannot train."""
+    family, _ = detect_family(resolve_model_path(name_or_path), revision)
+    family.check_method(capability, name_or_path)
+    family.objective.check(loss_options)
+    return family
+
+
 @dataclass
 class Parts:
-    """The loaded components of a base pipeline, plus what the loop and trainers need to know about them."""
+    """The loaded components of a base pipeline, plus what the loop and trainers need to know about them.
+
+    `denoiser` is the UNet or the transformer; `family` says how to condition, call and sample it.
+    """
 
     family: Family
     source: str
     prediction_type: str
-    unet: nn.Module
+    denoiser: nn.Module
     vae: nn.Module
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
@@ -127,14 +120,43 @@ class Parts:
     weight_dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     revision: str | None = None
+    guidance_scale: float = 1.0
+    """Embedded guidance given to a guidance-distilled denoiser (FLUX.1-dev) in training forward passes."""
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, source: str = "") -> Parts:
+        """The parts of a loaded stock pipeline (its family known by its class), e.g. to probe its outputs."""
+        family = family_of_pipeline(pipe)
+        if family is None:
+            raise TunerError(f"{type(pipe).__name__}: not a pipeline of a supported family")
+        scheduler = pipe.scheduler
+        prediction = "flow_matching" if family.objective.name == "flow_matching" else scheduler.config.get(
+            "prediction_type", "epsilon")  # fmt: skip
+        denoiser = getattr(pipe, family.denoiser_component)
+        return cls(
+            family=family,
+            source=source or str(getattr(pipe, "name_or_path", "") or ""),
+            prediction_type=prediction,
+            denoiser=denoiser,
+            vae=pipe.vae,
+            text_encoders=[getattr(pipe, spec.component) for spec in family.encoders],
+            tokenizers=[getattr(pipe, spec.tokenizer) for spec in family.encoders],
+            noise_scheduler=scheduler,
+            device=next(denoiser.parameters()).device,
+        )
 
     @property
     def text_encoder(self) -> nn.Module:
         return self.text_encoders[0]
 
-    def text_encoder_modules(self) -> dict[str, nn.Module]:
-        """The text encoders keyed as `Trainables.modules` expects (`text_encoder`, `text_encoder_2`, ...)."""
-        return {"text_encoder" if i == 0 else f"text_encoder_{i + 1}": m for i, m in enumerate(self.text_encoders)}
+    def text_encoder_modules(self, adaptable_only: bool = False) -> dict[str, nn.Module]:
+        """The text encoders keyed by pipeline component (`text_encoder`, `text_encoder_2`, ...), as
+        `Trainables.modules` expects; `adaptable_only` leaves out those that never train (T5)."""
+        return {
+            spec.component: module
+            for spec, module in zip(self.family.encoders, self.text_encoders)
+            if spec.adaptable or not adaptable_only
+        }
 
     @property
     def vae_scale_factor(self) -> int:
@@ -151,20 +173,7 @@ class Parts:
         import diffusers
 
         cls = getattr(diffusers, self.family.pipeline_class)
-        parts: dict[str, Any] = {
-            "vae": self.unwrapped(self.vae),
-            "unet": self.unwrapped(self.unet),
-            "text_encoder": self.unwrapped(self.text_encoders[0]),
-            "tokenizer": self.tokenizers[0],
-            "scheduler": self.sample_scheduler or self.noise_scheduler,
-        }
-        if self.family.text_encoders > 1:
-            parts["text_encoder_2"] = self.unwrapped(self.text_encoders[1])
-            parts["tokenizer_2"] = self.tokenizers[1]
-        else:
-            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        parts.update(components)
-        pipe = cls(**parts)
+        pipe = cls(**{**self.family.pipeline_components(self), **components})
         if scheduler:
             scheduler_cls = getattr(diffusers, scheduler, None)
             if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
@@ -191,41 +200,41 @@ def load_parts(
     device: torch.device | str = "cpu",
     weight_dtype: torch.dtype = torch.float32,
 ) -> Parts:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and the training noise scheduler of a base pipeline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training noise scheduler of a base pipeline."""
+    import diffusers
+    import transformers
+    from transformers import AutoTokenizer
 
     source = resolve_model_path(name_or_path)
     family, prediction = detect_family(source, revision)
-    if not family.trainable:
-        raise TunerError(
-            f"model {name_or_path!r}: the {family.name} family ({family.pipeline_class}) is recognized but its "
-            "transformer/flow-matching training path is not available yet; supported: sd1, sd2, sdxl"
-        )
     kw = {"revision": revision, "variant": variant}
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw)
+        denoiser_cls = getattr(diffusers, family.denoiser_class)
+        denoiser = denoiser_cls.from_pretrained(source, subfolder=family.denoiser_component, **kw)
         vae_model = (
-            AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae", **kw)
+            diffusers.AutoencoderKL.from_pretrained(vae)
+            if vae
+            else diffusers.AutoencoderKL.from_pretrained(source, subfolder="vae", **kw)
         )
-        encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)]
-        tokenizers = [AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)]
-        if family.text_encoders > 1:
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kw))
-            tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision))
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+        encoders, tokenizers = [], []
+        for spec in family.encoders:
+            model_cls = getattr(transformers, spec.model_class)
+            encoders.append(model_cls.from_pretrained(source, subfolder=spec.component, **kw))
+            tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder=spec.tokenizer, revision=revision))
+        scheduler_cls = getattr(diffusers, family.noise_scheduler_class)
+        noise_scheduler = scheduler_cls.from_pretrained(source, subfolder="scheduler", revision=revision)
         sample_scheduler = _sampling_scheduler(source, revision)
     except OSError as exc:
         raise _unreachable(name_or_path, exc) from None
     device = torch.device(device)
-    for module in (unet, vae_model, *encoders):
+    for module in (denoiser, vae_model, *encoders):
         module.requires_grad_(False)
         module.to(device=device, dtype=weight_dtype)
     return Parts(
         family=family,
         source=source,
         prediction_type=prediction,
-        unet=unet,
+        denoiser=denoiser,
         vae=vae_model,
         text_encoders=encoders,
         tokenizers=tokenizers,

@@ -76,17 +76,17 @@ def apply_precision(parts, params: list[nn.Parameter], mixed_precision: str) -> 
 
 
 def memory_levers(parts, config: RunConfig) -> None:
-    """Gradient checkpointing in the UNet and text encoders; xformers attention when asked (SDPA otherwise)."""
+    """Gradient checkpointing in the denoiser's blocks and the text encoders; xformers attention when asked."""
     tc = config.train
     if tc.gradient_checkpointing:
-        unet = parts.unwrapped(parts.unet)
-        if hasattr(unet, "enable_gradient_checkpointing"):
-            unet.enable_gradient_checkpointing()
+        denoiser = parts.unwrapped(parts.denoiser)
+        if hasattr(denoiser, "enable_gradient_checkpointing"):
+            denoiser.enable_gradient_checkpointing()
         for encoder in parts.text_encoders:
             if hasattr(encoder, "gradient_checkpointing_enable"):
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.attention == "xformers":
-        for module in (parts.unet, parts.vae):
+        for module in (parts.denoiser, parts.vae):
             parts.unwrapped(module).enable_xformers_memory_efficient_attention()
 
 
@@ -112,7 +112,7 @@ def prepare(accelerator, parts, modules: dict[str, nn.Module], optimizer, schedu
     for key, module in wrapped.items():
         if not place(parts, key, module) and module is not modules[key] and not deepspeed:
             raise TunerError(
-                f"trainables.modules[{key!r}]: not a Parts attribute (unet, vae, text_encoder, text_encoder_2), so "
+                f"trainables.modules[{key!r}]: not a Parts attribute (denoiser, vae, text_encoder, ...), so "
                 f"the trainer would call it without its {type(module).__name__} wrapper and its gradients would "
                 "not be synchronized across processes; key each trained module by the Parts attribute it lives in"
             )
@@ -122,8 +122,11 @@ def prepare(accelerator, parts, modules: dict[str, nn.Module], optimizer, schedu
 def place(parts, key: str, module: nn.Module) -> bool:
     """Put a (wrapped or unwrapped) module where its `Trainables.modules` key says it lives on `parts`.
 
-    Keys: a `Parts` attribute (`unet`, `vae`), `text_encoder`, `text_encoder_<n>` (1-based) or `text_encoders.<i>`.
+    Keys: a `Parts` attribute (`denoiser`, `vae`), the denoiser's pipeline name (`unet`, `transformer`),
+    `text_encoder`, `text_encoder_<n>` (1-based) or `text_encoders.<i>`.
     Returns False when the key names no place on `parts`."""
+    if key == parts.family.denoiser_component:
+        key = "denoiser"
     index = None
     if key == "text_encoder":
         index = 0

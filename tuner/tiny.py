@@ -1,8 +1,11 @@
-"""Tiny SD1-, SD2-v- and SDXL-shaped pipelines, built offline with fixed seeds and saved as diffusers folders.
+"""Tiny SD1-, SD2-v-, SDXL-, SD3.5- and FLUX.1-dev-shaped pipelines, built offline with fixed seeds and saved
+as diffusers folders.
 
 They have every structural feature of the real families (cross-attention UNet, 8x VAE, CLIP text
-encoder(s), SDXL's pooled embeddings and time ids, SD2's v-prediction and linear projections) at widths
-that train in seconds on a CPU, so tests and CI exercise the real loading, training and export code.
+encoder(s), SDXL's pooled embeddings and time ids, SD2's v-prediction and linear projections; SD3's MMDiT
+with qk-norm and three text encoders; Flux's double- and single-stream blocks, rotary position ids, embedded
+guidance and packed latents; 16-channel VAEs with a shift factor; T5 encoders with a tokenizer built in code)
+at widths that train in seconds on a CPU, so tests and CI exercise the real loading, training and export code.
 """
 
 from __future__ import annotations
@@ -14,22 +17,28 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from tuner.errors import TunerError
-from tuner.tokenizer import BASIC_WORDS, build_tokenizer
+from tuner.tokenizer import BASIC_WORDS, build_t5_tokenizer, build_tokenizer
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 _SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
-def tiny_vae(scaling_factor: float = 0.18215, seed: int = 0) -> AutoencoderKL:
-    """Four blocks, three downsamples: the usual 8x spatial factor and 4 latent channels."""
+def tiny_vae(scaling_factor: float = 0.18215, seed: int = 0, latent_channels: int = 4, shift_factor=None):
+    """Four blocks, three downsamples: the usual 8x spatial factor; 4 latent channels (16 with a shift factor for
+    the transformer families)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -38,11 +47,20 @@ def tiny_vae(scaling_factor: float = 0.18215, seed: int = 0) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
+
+
+def tiny_t5(vocab_size: int, width: int, seed: int = 0) -> T5EncoderModel:
+    """A one-layer T5 encoder (relative position buckets, gated-GELU MLP like T5 v1.1)."""
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=width * 2, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")  # fmt: skip
+    return T5EncoderModel(config)
 
 
 def tiny_text_encoder(
@@ -112,10 +130,58 @@ def tiny_unet(family: str, cross_attention_dim: int = 32, seed: int = 0, sample_
     )
 
 
+def build_sd3(seed: int, words) -> StableDiffusion3Pipeline:
+    """SD3.5-shaped: MMDiT with qk RMS-norm; CLIP-L and CLIP-G (with projections), whose 64-wide concatenated
+    states the pipeline pads to T5's width (64); pooled = both projections (2 x 32); static flow shift 3.0."""
+    tokenizer, t5_tokenizer = build_tokenizer(words), build_t5_tokenizer(words)
+    torch.manual_seed(seed + 3)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
+                                        qk_norm="rms_norm")  # fmt: skip
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16, seed=seed),
+        text_encoder=tiny_text_encoder(len(tokenizer), projection=True, seed=seed + 1),
+        text_encoder_2=tiny_text_encoder(len(tokenizer), projection=True, seed=seed + 2, act="gelu"),
+        text_encoder_3=tiny_t5(len(t5_tokenizer), 64, seed=seed + 4),
+        tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(words),
+        tokenizer_3=t5_tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def build_flux(seed: int, words) -> FluxPipeline:
+    """FLUX.1-dev-shaped: one double- and one single-stream block, rotary axes (2, 2, 4), embedded guidance;
+    CLIP-L pooled (32) and a 32-wide T5; latents packed 2x2 (16 channels -> 64); resolution-dependent shift."""
+    tokenizer, t5_tokenizer = build_tokenizer(words), build_t5_tokenizer(words)
+    torch.manual_seed(seed + 3)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True,
+                                         axes_dims_rope=(2, 2, 4))  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+    return FluxPipeline(
+        transformer=transformer,
+        vae=tiny_vae(scaling_factor=0.3611, shift_factor=0.1159, latent_channels=16, seed=seed),
+        text_encoder=tiny_text_encoder(len(tokenizer), seed=seed + 1),
+        text_encoder_2=tiny_t5(len(t5_tokenizer), 32, seed=seed + 4),
+        tokenizer=tokenizer,
+        tokenizer_2=t5_tokenizer,
+        scheduler=scheduler,
+    )
+
+
 def build_pipeline(family: str, seed: int = 0, words: list[str] | tuple[str, ...] = BASIC_WORDS):
     """A randomly initialized (but seeded) stock diffusers pipeline of `family`."""
     if family not in FAMILIES:
         raise TunerError(f"--family {family!r}: allowed: {', '.join(FAMILIES)}")
+    if family == "sd3":
+        return build_sd3(seed, words)
+    if family == "flux":
+        return build_flux(seed, words)
     tokenizer = build_tokenizer(words)
     vocab = len(tokenizer)
     if family == "sdxl":

@@ -110,3 +110,18 @@ def build_tokenizer(words: list[str] | tuple[str, ...] = BASIC_WORDS, max_length
     vocab, merges = build_vocab(words)
     pairs = [tuple(m.split(" ")) for m in merges]
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=max_length)
+
+
+def build_t5_tokenizer(words: list[str] | tuple[str, ...] = BASIC_WORDS, model_max_length: int = 32):
+    """A T5 tokenizer (pad 0, eos 1, unk 2, `</s>` appended, sentencepiece-style `▁word` pieces) over `words`
+    plus single characters, built in code: no sentencepiece file to download. Each word is one piece; any other
+    word still tokenizes, by characters. It saves as `tokenizer.json`, which stock pipelines reload."""
+    from transformers import T5TokenizerFast
+
+    scores: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}
+    for word in dict.fromkeys(w.lower() for w in words):
+        scores.setdefault("▁" + word, -1.0)
+    for char in string.ascii_lowercase + string.digits + string.punctuation:
+        scores.setdefault(char, -5.0)
+        scores.setdefault("▁" + char, -4.0)
+    return T5TokenizerFast(vocab=list(scores.items()), extra_ids=0, model_max_length=model_max_length)

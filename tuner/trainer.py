@@ -121,6 +121,11 @@ class Trainer:
         )
 
     # --- optional -------------------------------------------------------------------------------------
+    def capability(self) -> str:
+        """What this run asks of the model family (`Family.methods`): the method name unless a setting makes
+        it another capability (DreamBooth with `lora = true` is `dreambooth-lora`)."""
+        return self.name
+
     def load(self, parts: Parts, directory: Path) -> None:
         """Restore trainer-owned state that is not a trainable parameter (the loop restores parameters)."""
 

@@ -38,7 +38,10 @@ def render(
     max_batch: int = 8,
 ) -> list[list[Image.Image]]:
     """images[prompt][seed]. Each image has its own CPU generator seeded with its seed, so an image does not
-    depend on which other prompts share its batch, nor on the device."""
+    depend on which other prompts share its batch, nor on the device. The family adds what its pipeline must be
+    told to sample as it trained (the T5 sequence length)."""
+    from tuner.families import call_kwargs
+
     if not prompts or not seeds:
         raise TunerError(
             f"nothing to render: prompts={list(prompts)!r}, seeds={list(seeds)!r}; give at least one each"
@@ -57,6 +60,7 @@ def render(
                 height=height,
                 generator=[torch.Generator("cpu").manual_seed(int(seed)) for _ in batch],
                 output_type="pil",
+                **call_kwargs(pipe),
             )
             for offset, image in enumerate(result.images):
                 rows[start + offset].append(image)
@@ -153,7 +157,7 @@ def render_validation_grid(trainer: Trainer, parts: Parts, step: int) -> Image.I
     if not seeds:
         raise TunerError("validation.seeds is empty; give at least one seed or set validation.enabled = false")
     kwargs = sampling_kwargs(config)
-    modules = [parts.unet, parts.vae, *parts.text_encoders]
+    modules = [parts.denoiser, parts.vae, *parts.text_encoders]
     scales = list(val.scales) or [1.0]
     column_sets: list[tuple[str, list[list[Image.Image]]]] = []
     with sampling_mode(modules, parts.weight_dtype):

@@ -120,7 +120,7 @@ def test_prepare_trains_decoder_only(tiny_models, tmp_path):
     assert trainables.needs == {"pixels", "latents"}
     assert [g["name"] for g in trainables.param_groups] == ["vae.decoder", "vae.post_quant_conv"]
     assert all(p.requires_grad for p in [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()])
-    frozen = [*vae.encoder.parameters(), *vae.quant_conv.parameters(), *parts.unet.parameters()]
+    frozen = [*vae.encoder.parameters(), *vae.quant_conv.parameters(), *parts.denoiser.parameters()]
     assert not any(p.requires_grad for p in frozen + list(parts.text_encoder.parameters()))
 
 

@@ -76,7 +76,7 @@ def test_full_dreambooth_with_prior_preservation_writes_a_pipeline_that_samples(
     assert artifact["method"] == "dreambooth" and artifact["trigger"] == "sks"
     pipe = DiffusionPipeline.from_pretrained(run / "pipeline")
     base = load_parts(str(tiny_models[family]))
-    changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
+    changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base.denoiser.state_dict()[k])]
     assert changed, "the UNet did not train"
     for name in ("vae", "text_encoder"):
         saved, original = getattr(pipe, name).state_dict(), getattr(base, "vae" if name == "vae" else "text_encoder")
@@ -120,19 +120,19 @@ def test_image_free_prior_targets_come_from_the_frozen_base(tiny_models, photos,
     config.data.prior_mode = "model"
     trainer = DreamBoothTrainer(config)
     parts = load_parts(str(tiny_models["sd1"]))
-    base = unet_state(parts.unet)
+    base = unet_state(parts.denoiser)
     trainer.prepare(parts)
     with torch.no_grad():
-        for p in parts.unet.parameters():
+        for p in parts.denoiser.parameters():
             p.add_(0.01)  # the trained UNet moves ...
     assert all(torch.equal(v, base[k]) for k, v in trainer.frozen_unet.state_dict().items())  # ... the copy not
     noisy = torch.randn(1, 4, 8, 8)
     cond = {"encoder_hidden_states": torch.randn(1, 77, 32)}
     t = torch.tensor([10])
-    frozen = trainer._frozen_prediction(noisy, t, cond)
+    frozen = trainer._frozen_prediction(parts, noisy, t, cond)
     parts_base = load_parts(str(tiny_models["sd1"]))
-    assert torch.allclose(frozen, parts_base.unet(noisy, t, **cond).sample, atol=1e-5)
-    assert not torch.allclose(frozen, parts.unet(noisy, t, **cond).sample, atol=1e-3)
+    assert torch.allclose(frozen, parts_base.denoiser(noisy, t, **cond).sample, atol=1e-5)
+    assert not torch.allclose(frozen, parts.denoiser(noisy, t, **cond).sample, atol=1e-3)
 
 
 def test_prior_loss_is_computed_on_the_class_half_and_weighted():

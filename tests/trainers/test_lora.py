@@ -104,16 +104,16 @@ def test_prepare_groups_learning_rates_needs_and_fp32(tiny_models):
     trainables = LoraTrainer(config).prepare(parts)
     groups = [(g["name"], g["lr"]) for g in trainables.param_groups]
     assert groups == [("unet_lora", 1e-4), ("text_encoder_lora", 5e-5)]
-    assert set(trainables.modules) == {"unet", "text_encoder", "text_encoder_2"}
+    assert set(trainables.modules) == {"denoiser", "text_encoder", "text_encoder_2"}
     assert trainables.needs == {"latents", "input_ids"}
     params = trainables.parameters()
     assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params)
     trained = {id(p) for p in params}
-    for model in (parts.unet, *parts.text_encoders):
+    for model in (parts.denoiser, *parts.text_encoders):
         frozen = [p for p in model.parameters() if id(p) not in trained]
         assert frozen and not any(p.requires_grad for p in frozen)
     frozen_te = LoraTrainer(config_for(tiny_models["sd1"])).prepare(load_parts(str(tiny_models["sd1"])))
-    assert frozen_te.needs == {"latents", "text_embeds"} and set(frozen_te.modules) == {"unet"}
+    assert frozen_te.needs == {"latents", "text_embeds"} and set(frozen_te.modules) == {"denoiser"}
 
 
 # --- the trainer in a hand-written loop ---------------------------------------------------------------------
@@ -123,8 +123,8 @@ def test_trains_only_the_adapter_and_scale_zero_is_the_base_model(tiny_models, f
 
     parts = load_parts(str(tiny_models[family]))
     probe = Probe.for_pipeline(parts.pipeline())
-    base_out = outputs(parts.unet, parts.text_encoders, probe)
-    base_state = {k: v.clone() for m in (parts.unet, *parts.text_encoders) for k, v in m.state_dict().items()}
+    base_out = outputs(parts, probe)
+    base_state = {k: v.clone() for m in (parts.denoiser, *parts.text_encoders) for k, v in m.state_dict().items()}
     trainer = LoraTrainer(config_for(tiny_models[family], rank=4, alpha=8, train_text_encoder=True))
     gen = torch.Generator().manual_seed(0)
     pixels = red_squares(2)
@@ -133,22 +133,22 @@ def test_trains_only_the_adapter_and_scale_zero_is_the_base_model(tiny_models, f
     assert all(torch.isfinite(p).all() for p in trainables.parameters())
     # Up-projections start at zero: every UNet one moved; SDXL conditions on the penultimate text-encoder
     # layer, so the last layer's adapter there rightly gets no gradient.
-    for model in (parts.unet, *parts.text_encoders):
+    for model in (parts.denoiser, *parts.text_encoders):
         moved = [p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n]
-        assert moved and (all(moved) if model is parts.unet else any(moved))
-    for model in (parts.unet, *parts.text_encoders):  # frozen base weights: bitwise unchanged
+        assert moved and (all(moved) if model is parts.denoiser else any(moved))
+    for model in (parts.denoiser, *parts.text_encoders):  # frozen base weights: bitwise unchanged
         for key, value in model.state_dict().items():
             if ".tuner" not in key:
                 original = base_state[key.replace(".base_layer", "")]
                 assert torch.equal(value, original), key
     assert trainer.set_adapter_scale(parts, 0.0) is True
     flags = [p.requires_grad for p in trainables.parameters()]
-    zero = outputs(parts.unet, parts.text_encoders, probe)
+    zero = outputs(parts, probe)
     assert all(torch.equal(zero[k], base_out[k]) for k in base_out)
     trainer.set_adapter_scale(parts, 0.5)
-    half = outputs(parts.unet, parts.text_encoders, probe)
+    half = outputs(parts, probe)
     trainer.set_adapter_scale(parts, 1.0)
-    full = outputs(parts.unet, parts.text_encoders, probe)
+    full = outputs(parts, probe)
     assert [p.requires_grad for p in trainables.parameters()] == flags == [True] * len(flags)
     for key in base_out:
         assert (full[key] - base_out[key]).abs().max() > 1e-4

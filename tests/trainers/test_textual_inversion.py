@@ -77,7 +77,7 @@ def test_only_new_rows_change_and_files_reproduce_them(family, tiny_models, tmp_
 
     base, parts = load_parts(str(tiny_models[family])), load_parts(str(tiny_models[family]))
     trainer = TextualInversionTrainer(make_config(tiny_models[family], num_vectors=2))
-    unet_before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in parts.denoiser.state_dict().items()}
     hand_train(trainer, parts, steps=3)
     for index, (trained, original) in enumerate(zip(parts.text_encoders, base.text_encoders)):
         old = embedding(original)
@@ -88,7 +88,7 @@ def test_only_new_rows_change_and_files_reproduce_them(family, tiny_models, tmp_
         assert not torch.equal(new[old.shape[0] :], old[cat].expand(2, -1)), "the new rows did not train"
         rest, rest_base = non_embedding_state(trained), non_embedding_state(original)
         assert all(torch.equal(rest[k], rest_base[k]) for k in rest_base)
-    assert all(torch.equal(v, unet_before[k]) for k, v in parts.unet.state_dict().items())
+    assert all(torch.equal(v, unet_before[k]) for k, v in parts.denoiser.state_dict().items())
 
     artifact = trainer.save(parts, tmp_path)
     trained = trainer.trained_vectors(parts)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from trainers.lora import LoraTrainer
 from tuner import registry
 from tuner.config import MethodConfig
 from tuner.losses import LossOptions, diffusion_loss
@@ -41,18 +42,18 @@ class UNetBiasTrainer(Trainer):
     _interrupted = False
 
     def prepare(self, parts) -> Trainables:
-        parts.unet.requires_grad_(False)
+        parts.denoiser.requires_grad_(False)
         if self.method_config.train == "bias":
-            chosen = [p for n, p in parts.unet.named_parameters() if n.endswith("bias") or "norm" in n]
+            chosen = [p for n, p in parts.denoiser.named_parameters() if n.endswith("bias") or "norm" in n]
         else:
-            chosen = list(parts.unet.down_blocks[0].attentions[0].parameters())
+            chosen = list(parts.denoiser.down_blocks[0].attentions[0].parameters())
         for p in chosen:
             p.requires_grad_(True)
         groups = [{"name": "unet", "params": chosen}]
         if self.method_config.loss_scale:
             self.scale = torch.nn.Parameter(torch.ones((), device=parts.device))
             groups.append({"name": "loss_scale", "params": [self.scale], "lr": 1e-2})
-        return Trainables({"unet": parts.unet}, groups)
+        return Trainables({"unet": parts.denoiser}, groups)
 
     def compute_loss(self, parts, batch: dict[str, Any]) -> torch.Tensor:
         step = self.global_step + 1
@@ -78,7 +79,7 @@ class UNetBiasTrainer(Trainer):
         return loss
 
     def save(self, parts, out_dir: Path) -> Artifact:
-        unet = parts.unwrapped(parts.unet)
+        unet = parts.unwrapped(parts.denoiser)
         tensors = {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
         if self.method_config.loss_scale:
             tensors["loss_scale"] = self.scale.detach().cpu().reshape(1)
@@ -90,7 +91,7 @@ class UNetBiasTrainer(Trainer):
 
     def validation_images(self, parts, step: int) -> Image.Image:
         """One UNet prediction on fixed inputs, as a small gray image (cheap, and it changes as the UNet trains)."""
-        unet = parts.unwrapped(parts.unet)
+        unet = parts.unwrapped(parts.denoiser)
         g = torch.Generator().manual_seed(0)
         sample = torch.randn(1, 4, 8, 8, generator=g)
         hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
@@ -99,5 +100,17 @@ class UNetBiasTrainer(Trainer):
         return Image.fromarray(pixels).resize((32, 32))
 
 
+class HookedLoraTrainer(LoraTrainer):
+    """The real LoRA trainer with the kill hook, for exact-resume tests on every family."""
+
+    name = "lora_hooked"
+
+    def compute_loss(self, parts, batch: dict[str, Any]) -> torch.Tensor:
+        if os.environ.get("TUNER_TEST_KILL_AT_STEP") == str(self.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().compute_loss(parts, batch)
+
+
 def register() -> None:
     registry.register(METHOD, UNetBiasTrainer)
+    registry.register(HookedLoraTrainer.name, HookedLoraTrainer)

@@ -42,3 +42,38 @@ def test_loop_names_no_trainer():
 
 def test_datasets_folder_is_not_a_package():
     assert not (CORE.parent / "datasets" / "__init__.py").exists()
+
+
+FAMILY_WORDS = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux", "StableDiffusionXLPipeline", "FluxPipeline")
+
+
+def _family_mentions(path: Path) -> list[str]:
+    """Family names used as identifiers or compared as strings (docstrings and comments are prose, not code)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words = [node.id]
+        elif isinstance(node, ast.Attribute):
+            words = [node.attr]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words = [node.value]
+        else:
+            continue
+        found |= {w for w in FAMILY_WORDS for word in words if word == w or word.lower() == w.lower()}
+    return sorted(found)
+
+
+def test_loop_and_trainers_name_no_model_family():
+    """Trainers and the loop ask `parts.family`; only `tuner/families/` knows SD1, SDXL, SD3 or Flux."""
+    paths = [CORE / "loop.py", *sorted((CORE.parent / "trainers").glob("*.py"))]
+    offenders = {str(p.relative_to(CORE.parent)): words for p in paths if (words := _family_mentions(p))}
+    assert not offenders, f"family names outside tuner/families/: {offenders}"

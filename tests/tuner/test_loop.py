@@ -288,7 +288,7 @@ def test_trained_modules_go_back_where_their_keys_say():
     wrapper = nn.Linear(2, 2)
     assert place(parts, "text_encoder_2", wrapper) and parts.text_encoders[1] is wrapper
     assert place(parts, "text_encoders.0", wrapper) and parts.text_encoders[0] is wrapper
-    assert place(parts, "unet", wrapper) and parts.unet is wrapper
+    assert place(parts, "unet", wrapper) and parts.denoiser is wrapper
     assert not place(parts, "network", wrapper) and not place(parts, "text_encoder_3", wrapper)
 
 

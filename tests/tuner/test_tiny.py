@@ -50,7 +50,7 @@ def test_load_parts_freezes_everything_and_knows_the_family(tiny_models, family)
     assert parts.family.name == family
     assert len(parts.text_encoders) == len(parts.tokenizers) == (2 if family == "sdxl" else 1)
     assert parts.vae_scale_factor == 8
-    modules = [parts.unet, parts.vae, *parts.text_encoders]
+    modules = [parts.denoiser, parts.vae, *parts.text_encoders]
     assert not any(p.requires_grad for m in modules for p in m.parameters())
 
 

@@ -29,13 +29,13 @@ class FullToyTrainer(Trainer):
     Config = GridToyConfig
 
     def prepare(self, parts):
-        parts.unet.requires_grad_(True)
-        return Trainables({"unet": parts.unet}, [{"name": "unet", "params": list(parts.unet.parameters())}])
+        parts.denoiser.requires_grad_(True)
+        return Trainables({"unet": parts.denoiser}, [{"name": "unet", "params": list(parts.denoiser.parameters())}])
 
     def train_a_bit(self, parts, seed: int = 1) -> None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for p in parts.unet.parameters():
+            for p in parts.denoiser.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * self.method_config.noise)
 
 
@@ -45,15 +45,15 @@ class ScalableToyTrainer(FullToyTrainer):
     name = "gridtoy_scaled"
 
     def prepare(self, parts):
-        self.base = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+        self.base = {k: v.clone() for k, v in parts.denoiser.state_dict().items()}
         self.train_a_bit(parts)
-        self.delta = {k: v - self.base[k] for k, v in parts.unet.state_dict().items()}
+        self.delta = {k: v - self.base[k] for k, v in parts.denoiser.state_dict().items()}
         self.scales: list[float] = []
         return super().prepare(parts)
 
     def set_adapter_scale(self, parts, scale):
         self.scales.append(scale)
-        parts.unet.load_state_dict({k: self.base[k] + scale * self.delta[k] for k in self.base})
+        parts.denoiser.load_state_dict({k: self.base[k] + scale * self.delta[k] for k in self.base})
         return True
 
 
@@ -92,22 +92,22 @@ def test_full_finetune_grid_keeps_base_and_rerenders_tuned(tiny_models, family, 
     trainer = FullToyTrainer(_config("gridtoy", prompts=["a photo of {token}", "a red circle"], seeds=seeds))
     trainer.config.data.token = "sks"
     trainer.prepare(parts)
-    parts.unet.train()
-    parts.unet.conv_out.eval()  # a mixed-mode module tree must come back exactly as it was
-    modes = {name: m.training for name, m in parts.unet.named_modules()}
+    parts.denoiser.train()
+    parts.denoiser.conv_out.eval()  # a mixed-mode module tree must come back exactly as it was
+    modes = {name: m.training for name, m in parts.denoiser.named_modules()}
     torch.manual_seed(123)
     random.seed(5)
     np.random.seed(7)
     rng = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
-    weights = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    weights = {k: v.clone() for k, v in parts.denoiser.state_dict().items()}
 
     first = render_validation_grid(trainer, parts, 0)
 
     assert torch.equal(torch.random.get_rng_state(), rng[0])
     assert random.getstate() == rng[1] and np.array_equal(np.random.get_state()[1], rng[2])
-    assert {name: m.training for name, m in parts.unet.named_modules()} == modes
-    assert all(p.grad is None and p.requires_grad for p in parts.unet.parameters())
-    assert all(torch.equal(v, weights[k]) for k, v in parts.unet.state_dict().items())
+    assert {name: m.training for name, m in parts.denoiser.named_modules()} == modes
+    assert all(p.grad is None and p.requires_grad for p in parts.denoiser.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in parts.denoiser.state_dict().items())
     assert trainer._base_images is not None and len(trainer._base_images) == 2
     n = len(seeds)
     # 2 prompts x (base, tuned) x seeds
@@ -131,14 +131,14 @@ def test_scalable_method_gets_one_column_set_per_scale_and_ends_at_scale_one(tin
     parts = load_parts(str(tiny_models["sd1"]))
     trainer = ScalableToyTrainer(_config("gridtoy_scaled", scales=[0.0, 0.5, 1.0], seeds=[3]))
     trainer.prepare(parts)
-    tuned = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    tuned = {k: v.clone() for k, v in parts.denoiser.state_dict().items()}
 
     grid = render_validation_grid(trainer, parts, 4)
 
     # The default prompts (the instance prompt only) x 3 scales x 1 seed.
     assert grid.size == grid_size(1, 3, cell_size((64, 64)), title=True, groups=3)
     assert trainer.scales[-1] == 1.0 and {0.0, 0.5, 1.0} <= set(trainer.scales)
-    assert all(torch.equal(v, tuned[k]) for k, v in parts.unet.state_dict().items())
+    assert all(torch.equal(v, tuned[k]) for k, v in parts.denoiser.state_dict().items())
     cells = _cells(grid, 1, 3, 3)[0]
     assert not np.array_equal(cells[0], cells[2])  # base vs scale 1
     assert not hasattr(trainer, "_base_images")  # scaling needs no memoized base
@@ -147,10 +147,10 @@ def test_scalable_method_gets_one_column_set_per_scale_and_ends_at_scale_one(tin
 def test_mixed_precision_parts_render(tiny_models):
     """Frozen parts in bf16 next to a trained fp32 UNet, as the loop keeps them under mixed precision."""
     parts = load_parts(str(tiny_models["sd1"]), weight_dtype=torch.bfloat16)
-    parts.unet.to(torch.float32)
+    parts.denoiser.to(torch.float32)
     grid = render_validation_grid(FullToyTrainer(_config("gridtoy", seeds=[0])), parts, 0)
     assert grid.size == grid_size(1, 2, cell_size((64, 64)), title=True, groups=2)
-    assert {p.dtype for p in parts.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in parts.denoiser.parameters()} == {torch.float32}
     assert {p.dtype for p in parts.vae.parameters()} == {torch.bfloat16}
 
 

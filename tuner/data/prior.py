@@ -138,7 +138,7 @@ def _generate(config: RunConfig, parts, todo: list[tuple[int, Path]], folder: Pa
         chunk = todo[start : start + batch]
         generators = [torch.Generator("cpu").manual_seed(config.train.seed + index) for index, _ in chunk]
         # Autocast: a trainer may already have put the parts it trains in fp32 beside half-precision frozen ones.
-        with sampling_mode([parts.unet, parts.vae, *parts.text_encoders], parts.weight_dtype):
+        with sampling_mode([parts.denoiser, parts.vae, *parts.text_encoders], parts.weight_dtype):
             images = pipe(
                 prompt=[data.class_prompt] * len(chunk),
                 height=size,

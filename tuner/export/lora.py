@@ -15,7 +15,7 @@ from tuner.export import metadata as md
 from tuner.export.lora_diffusers import diffusers_loadable, peft_weight_name, write_peft_file
 from tuner.export.lora_kohya import write_kohya
 from tuner.export.roundtrip import Check, verify_export
-from tuner.export.state import LoraState
+from tuner.export.state import LoraState, unit_scale
 from tuner.trainer import ArtifactFile
 
 # Which tools load the kohya file of each variant. DoRA (output-axis `dora_scale`, LyCORIS `wd_on_out`):
@@ -27,6 +27,9 @@ KOHYA_TOOLS = {
     "loha": ["A1111", "ComfyUI", "LyCORIS"],
     "lokr": ["A1111", "ComfyUI", "LyCORIS"],
 }
+# FLUX.1 in kohya's `networks.lora_flux` names (BFL modules, fused qkv / linear1): what ComfyUI, Forge and
+# kohya load natively, and diffusers converts on load.
+FLUX_KOHYA_FORMAT = "kohya-flux-lora"
 # Merging into the weights rounds differently from running the adapter beside them.
 MERGE_RTOL = 1e-4
 PEFT_TOOLS = {"lora": ["diffusers", "peft"], "dora": ["diffusers", "peft"], "loha": ["peft", "tuner"],
@@ -75,7 +78,7 @@ def file_metadata(
     extra = {"tuner.config": config_json} if config_json else {}
     kohya = {
         **md.sd_version_metadata(family, prediction),
-        **md.network_metadata(summary, has_conv(state)),
+        **md.network_metadata(summary, has_conv(state), module=parts.family.kohya_network_module),
         **(training or {}),
         **({"ss_training_comment": f"trigger: {trigger}"} if trigger else {}),
         **spec,
@@ -101,18 +104,13 @@ def export_lora(
     """
     out_dir = Path(out_dir)
     variant = state.variant
+    form = parts.family.lora_file_form
+    if form != "kohya" and variant == "lora":  # transformer families: ComfyUI reads the diffusers file too
+        state = unit_scale(state)
     stem = safe_name(output_name)
     kohya_header, peft_header = file_metadata(parts, state, stem, resolution, trigger, training, config_json)
     peft_path = write_peft_file(state, out_dir / peft_weight_name(variant), peft_header)
-    kohya_path = write_kohya(state, out_dir / f"{stem}.safetensors", parts.family.text_encoders, kohya_header)
-    if kohya_path == peft_path:
-        raise TunerError(f"lora.output_name = {output_name!r} collides with {peft_path.name}; pick another name")
-    kohya_in_diffusers = variant == "lora" and uniform_alpha(state)
     checks = [Check(peft_path, "diffusers" if diffusers_loadable(variant) else "peft")]
-    if kohya_in_diffusers:
-        checks.append(Check(kohya_path, "diffusers"))
-    checks.append(Check(kohya_path, "merge", rtol=MERGE_RTOL))
-    report = verify_export(parts, state, checks) if verify else {}
     where = str(out_dir)
     peft_load = f'pipe.load_lora_weights("{where}", weight_name="{peft_path.name}")'
     if not diffusers_loadable(variant):
@@ -120,12 +118,38 @@ def export_lora(
             "from tuner.export import load_peft_adapter; "
             f'load_peft_adapter(pipe, "{where}", weight_name="{peft_path.name}")'
         )
-    kohya_load = f'pipe.load_lora_weights("{where}", weight_name="{kohya_path.name}")' if kohya_in_diffusers else ""
-    kohya_tools = [t for t in KOHYA_TOOLS[variant] if t != "diffusers" or kohya_in_diffusers]
     peft_format = f"{'diffusers' if diffusers_loadable(variant) else 'peft'}-{variant}"
-    kohya_format = f"kohya-{variant}" if variant in ("lora", "dora") else f"lycoris-{variant}"
-    files = [
-        ArtifactFile(peft_path.name, peft_format, peft_load, PEFT_TOOLS[variant]),
-        ArtifactFile(kohya_path.name, kohya_format, kohya_load, kohya_tools),
-    ]
+    peft_tools = PEFT_TOOLS[variant] + (["ComfyUI"] if form != "kohya" and variant == "lora" else [])
+    files = [ArtifactFile(peft_path.name, peft_format, peft_load, peft_tools)]
+    if form == "kohya":
+        kohya_path = write_kohya(state, out_dir / f"{stem}.safetensors", parts.family.text_encoders, kohya_header)
+        _distinct(kohya_path, peft_path, output_name)
+        kohya_in_diffusers = variant == "lora" and uniform_alpha(state)
+        if kohya_in_diffusers:
+            checks.append(Check(kohya_path, "diffusers"))
+        checks.append(Check(kohya_path, "merge", rtol=MERGE_RTOL))
+        kohya_load = ""
+        if kohya_in_diffusers:
+            kohya_load = f'pipe.load_lora_weights("{where}", weight_name="{kohya_path.name}")'
+        kohya_tools = [t for t in KOHYA_TOOLS[variant] if t != "diffusers" or kohya_in_diffusers]
+        kohya_format = f"kohya-{variant}" if variant in ("lora", "dora") else f"lycoris-{variant}"
+        files.append(ArtifactFile(kohya_path.name, kohya_format, kohya_load, kohya_tools))
+    elif form == "kohya-flux" and variant == "lora":
+        from tuner.export.lora_flux import diffusers_caveats, write_flux_kohya
+
+        flux_path = write_flux_kohya(state, out_dir / f"{stem}.safetensors", kohya_header)
+        _distinct(flux_path, peft_path, output_name)
+        checks.append(Check(flux_path, "kohya-flux"))
+        in_diffusers = not diffusers_caveats(state)  # diffusers' converter knows FLUX.1's own widths only
+        if in_diffusers:
+            checks.append(Check(flux_path, "diffusers"))
+        load = f'pipe.load_lora_weights("{where}", weight_name="{flux_path.name}")' if in_diffusers else ""
+        tools = ["ComfyUI", "Forge", "kohya"] + (["diffusers"] if in_diffusers else [])
+        files.append(ArtifactFile(flux_path.name, FLUX_KOHYA_FORMAT, load, tools))
+    report = verify_export(parts, state, checks) if verify else {}
     return files, {"roundtrip": report, **state.summary()}
+
+
+def _distinct(second: Path, peft_path: Path, output_name: str) -> None:
+    if second == peft_path:
+        raise TunerError(f"lora.output_name = {output_name!r} collides with {peft_path.name}; pick another name")

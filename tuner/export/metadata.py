@@ -23,23 +23,23 @@ LYCORIS_MODULE = "lycoris.kohya"
 
 
 def base_model_version(family: Family, prediction_type: str) -> str:
-    """kohya's `ss_base_model_version`: sd_v1, sd_v2, sd_v1_v, sd_v2_v, or sdxl_base_v1-0."""
-    if family.name in ("sd1", "sd2"):
-        return family.kohya_version + ("_v" if prediction_type == "v_prediction" else "")
+    """kohya's `ss_base_model_version`: sd_v1, sd_v2, sd_v1_v, sd_v2_v, sdxl_base_v1-0, flux1, 5-large, ..."""
+    if family.kohya_v_suffix and prediction_type == "v_prediction":
+        return family.kohya_version + "_v"
     return family.kohya_version
 
 
 def architecture(family: Family, prediction_type: str, adapter: str = "lora") -> str:
     """`modelspec.architecture`: `<family architecture>/<adapter>` (SD2 epsilon models are the 512 variant)."""
     arch = family.modelspec_architecture
-    if family.name == "sd2" and prediction_type != "v_prediction":
-        arch = "stable-diffusion-v2-512"
+    if family.modelspec_epsilon_architecture and prediction_type == "epsilon":
+        arch = family.modelspec_epsilon_architecture
     return f"{arch}/{adapter}"
 
 
 def implementation(family: Family) -> str:
-    """What kohya writes: SD1/SD2 LoRAs follow diffusers module names, SDXL ones the SGM reference code."""
-    return "https://github.com/Stability-AI/generative-models" if family.name == "sdxl" else "diffusers"
+    """What kohya writes: SD1/SD2 LoRAs follow diffusers module names, SDXL the SGM code, FLUX.1 BFL's."""
+    return family.modelspec_implementation
 
 
 def data_hash(blob: bytes) -> str:
@@ -81,8 +81,9 @@ def modelspec(
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }
+    if prediction_type != "flow_matching":  # ModelSpec has no id for flow matching; kohya omits it for Flux
+        spec["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
     if trigger:
         spec["modelspec.trigger_phrase"] = trigger
     if description:
@@ -90,11 +91,13 @@ def modelspec(
     return spec
 
 
-def network_metadata(summary: dict[str, Any], has_conv: bool, dropout: float | None = None) -> dict[str, str]:
-    """The `ss_network_*` keys: networks.lora for plain LoRA/LoCon, lycoris.kohya for DoRA, LoHa and LoKr."""
+def network_metadata(
+    summary: dict[str, Any], has_conv: bool, dropout: float | None = None, module: str = "networks.lora"
+) -> dict[str, str]:
+    """The `ss_network_*` keys: the family's kohya module (networks.lora, networks.lora_flux, ...) for plain
+    LoRA/LoCon, lycoris.kohya for DoRA, LoHa and LoKr."""
     variant, rank, alpha = summary["variant"], summary["rank"], summary["alpha"]
     args: dict[str, str] = {}
-    module = "networks.lora"
     if variant != "lora":
         module = LYCORIS_MODULE
         args["algo"] = "lora" if variant == "dora" else variant

@@ -2,7 +2,7 @@
 
 The reference is the model as trained (peft adapters active). Each file is loaded, on its own fresh
 `DiffusionPipeline.from_pretrained(base)`, by the loader its users will use (`load_lora_weights`, peft, or an
-A1111/ComfyUI-style weight merge); UNet and text-encoder outputs on a fixed input must match to a tight
+A1111/ComfyUI-style weight merge); denoiser and text-encoder outputs on a fixed input must match to a tight
 relative tolerance, and must reproduce the adapter's effect (so a file that silently drops modules fails
 even when the adapter is still small). Everything is compared in fp32 on the CPU.
 """
@@ -77,8 +77,14 @@ def load_into(pipe: Any, check: Check) -> None:
         from tuner.export.merge import apply_kohya
 
         apply_kohya(pipe, check.path, check.scale)
+    elif check.loader == "kohya-flux":  # fused BFL modules split back by rows, as ComfyUI slices its fused qkv
+        from tuner.export.lora_diffusers import inject_state
+        from tuner.export.lora_flux import read_flux_kohya
+
+        for name, comp in read_flux_kohya(check.path).components.items():
+            inject_state(getattr(pipe, name), comp, "roundtrip")
     else:
-        raise TunerError(f"round-trip loader {check.loader!r}: allowed: diffusers, peft, merge, pipeline")
+        raise TunerError(f"round-trip loader {check.loader!r}: allowed: diffusers, peft, merge, kohya-flux, pipeline")
 
 
 def checked_pipeline(check: Check, source: str | Path, revision: str | None) -> Any:
@@ -97,31 +103,26 @@ def checked_pipeline(check: Check, source: str | Path, revision: str | None) -> 
 
 @dataclass
 class Probe:
-    """Fixed inputs: UNet arguments and token ids, built once from the base model's configs."""
+    """Fixed inputs, built once from the base pipeline: latents, a timestep, the base encoders' embeddings of one
+    prompt (the denoiser's conditioning, so its output is compared alone) and that prompt's token ids."""
 
-    unet_args: dict[str, Any]
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None
     input_ids: list[torch.Tensor]
 
     @classmethod
     def for_pipeline(cls, pipe: Any, size: int = 16) -> Probe:
+        from tuner.models import Parts
+
+        parts = Parts.from_pipeline(pipe)
         gen = torch.Generator().manual_seed(0)
-        config = pipe.unet.config
-        args: dict[str, Any] = {
-            "sample": torch.randn(1, config.in_channels, size, size, generator=gen),
-            "timestep": torch.tensor([500]),
-            "encoder_hidden_states": torch.randn(1, 77, config.cross_attention_dim, generator=gen),
-        }
-        if config.addition_embed_type == "text_time":
-            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            side = float(size * 8)
-            args["added_cond_kwargs"] = {
-                "text_embeds": torch.randn(1, pooled, generator=gen),
-                "time_ids": torch.tensor([[side, side, 0.0, 0.0, side, side]]),
-            }
-        tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-        ids = [t(PROMPT, padding="max_length", max_length=t.model_max_length, truncation=True,
-                 return_tensors="pt").input_ids for t in tokenizers]  # fmt: skip
-        return cls(args, ids)
+        ids = parts.family.tokenize(parts, [PROMPT])
+        with evaluating(parts.text_encoders):
+            embeds, pooled = parts.family.encode(parts, ids)
+        latents = torch.randn(1, parts.vae.config.latent_channels, size, size, generator=gen)
+        return cls(latents, torch.tensor([500]), embeds.float(), None if pooled is None else pooled.float(), ids)
 
 
 @contextlib.contextmanager
@@ -138,15 +139,23 @@ def evaluating(modules: list[nn.Module]) -> Iterator[None]:
             m.training = flag
 
 
-def outputs(unet: nn.Module, text_encoders: list[nn.Module], probe: Probe) -> dict[str, torch.Tensor]:
-    """Per component, the outputs a pipeline uses: UNet prediction; last and penultimate hidden states."""
-    names = ["text_encoder", "text_encoder_2"]
-    with evaluating([unet, *text_encoders]):
-        device, dtype = _where(unet)
-        args = _to(probe.unet_args, device, dtype)
-        out = {"unet": unet(**args).sample.float().cpu()}
-        for name, encoder, ids in zip(names, text_encoders, probe.input_ids):
-            result = encoder(ids.to(_where(encoder)[0]), output_hidden_states=True)
+def outputs(parts: Any, probe: Probe) -> dict[str, torch.Tensor]:
+    """Per component a pipeline uses: the denoiser's prediction on the probe, and each adaptable text encoder's
+    last and penultimate hidden states (T5 never carries an adapter)."""
+    family = parts.family
+    denoiser = parts.unwrapped(parts.denoiser)
+    encoders = parts.text_encoder_modules(adaptable_only=True)
+    with evaluating([denoiser, *encoders.values()]):
+        device, dtype = _where(denoiser)
+        embeds = probe.embeds.to(device, dtype)
+        pooled = None if probe.pooled is None else probe.pooled.to(device, dtype)
+        cond = family.conditioning(parts, embeds, pooled, {"latents": probe.latents})
+        pred = family.predict(parts, denoiser, probe.latents.to(device, dtype), probe.timesteps.to(device), cond)
+        out = {family.denoiser_component: pred.float().cpu()}
+        ids_of = dict(zip([spec.component for spec in family.encoders], probe.input_ids))
+        for name, encoder in encoders.items():
+            encoder = parts.unwrapped(encoder)
+            result = encoder(ids_of[name].to(_where(encoder)[0]), output_hidden_states=True)
             out[name] = torch.cat([result[0].flatten(), result.hidden_states[-2].flatten()]).float().cpu()
     return out
 
@@ -156,25 +165,19 @@ def _where(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    if isinstance(value, dict):
-        return {k: _to(v, device, dtype) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        return value.to(device, dtype if value.is_floating_point() else value.dtype)
-    return value
-
-
 def pipeline_outputs(pipe: Any, probe: Probe) -> dict[str, torch.Tensor]:
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
-    return outputs(pipe.unet, encoders, probe)
+    from tuner.models import Parts
+
+    return outputs(Parts.from_pipeline(pipe), probe)
 
 
 def outputs_of(make: Callable[[], Any], probe: Probe) -> dict[str, torch.Tensor]:
     """Build a pipeline, take its outputs and free it before returning: one full-size copy in memory at a time."""
     pipe = make()
     out = pipeline_outputs(pipe, probe)
-    big = sum(p.numel() for p in pipe.unet.parameters()) > 50_000_000
-    del pipe
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    big = sum(p.numel() for p in denoiser.parameters()) > 50_000_000
+    del pipe, denoiser
     if big:  # collecting costs ~1 s; worth it only when gigabytes are at stake
         gc.collect()
     return out
@@ -186,10 +189,9 @@ def _is_cpu_fp32(modules: list[nn.Module]) -> bool:
 
 def trained_outputs(parts: Any, state: LoraState, probe: Probe) -> dict[str, torch.Tensor]:
     """Outputs of the model as trained: `parts` itself when it is fp32 on CPU, else the base plus `state`."""
-    unet = parts.unwrapped(parts.unet)
-    encoders = [parts.unwrapped(e) for e in parts.text_encoders]
-    if _is_cpu_fp32([unet, *encoders]):
-        return outputs(unet, encoders, probe)
+    modules = [parts.unwrapped(m) for m in (parts.denoiser, *parts.text_encoders)]
+    if _is_cpu_fp32(modules):
+        return outputs(parts, probe)
     from tuner.export.lora_diffusers import inject_state
 
     def rebuilt() -> Any:

@@ -18,7 +18,7 @@ from torch import nn
 
 from tuner.errors import TunerError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 VARIANTS = ("lora", "dora", "loha", "lokr")
 # The peft parameter names of each variant, in the order they appear on one module.
 PARAMS = {
@@ -168,3 +168,27 @@ def collect_state(
     if not components:
         raise TunerError(f"no component carries an adapter named {adapter_name!r}; nothing to export")
     return LoraState(components, dict(metadata or {}))
+
+
+def unit_scale(state: LoraState) -> LoraState:
+    """The same plain LoRA with each module's alpha / rank multiplied into `lora_B` and alpha = rank.
+
+    ComfyUI and Forge ignore diffusers' `lora_adapter_metadata`, so a diffusers-form file they load must mean the
+    same with every scale at 1 (formats.md §9.0); diffusers loads it exactly either way.
+    """
+    components = {}
+    for name, comp in state.components.items():
+        if comp.variant != "lora":
+            raise TunerError(f"{name}: only a plain LoRA can carry its scale in its weights (this is {comp.variant})")
+        tensors = dict(comp.tensors)
+        for path in comp.modules():
+            scale = comp.alpha_of(path) / comp.rank_for(path)
+            key = f"{path}.lora_B.weight"
+            tensors[key] = (tensors[key] * scale).contiguous()
+        config = {
+            **comp.config,
+            "lora_alpha": comp.config["r"],
+            "alpha_pattern": dict(comp.config.get("rank_pattern") or {}),
+        }
+        components[name] = ComponentAdapter(name, tensors, config)
+    return LoraState(components, dict(state.metadata))

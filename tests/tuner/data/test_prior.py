@@ -19,7 +19,7 @@ def test_class_images_are_generated_once_and_reused(tmp_path, make_config, noise
     assert report.class_images["to_generate"] == 3 and not classes.exists(), "the check generates nothing"
 
     calls = []
-    handle = parts.unet.register_forward_hook(lambda *_: calls.append(1))
+    handle = parts.denoiser.register_forward_hook(lambda *_: calls.append(1))
     try:
         data = build_training_data(config, parts, frozenset({"latents", "text_embeds"}), verbose=False)
         first = len(calls)
@@ -84,7 +84,7 @@ def test_bad_instance_data_stops_before_any_class_image_is_generated(tmp_path, m
     config = make_config(tmp_path, instance_prompt="sks", with_prior_preservation=True, bad_file_policy="error",
                          class_data_dir=str(tmp_path / "class"), class_prompt="dog", num_class_images=2)  # fmt: skip
     calls = []
-    handle = parts.unet.register_forward_hook(lambda *_: calls.append(1))
+    handle = parts.denoiser.register_forward_hook(lambda *_: calls.append(1))
     try:
         with pytest.raises(DataError, match="broken.png"):
             build_training_data(config, parts, frozenset({"latents"}), verbose=False)
