@@ -346,6 +346,9 @@ def test_refuses_what_the_form_cannot_hold(tmp_path):
     with pytest.raises(TunerError, match="transformer and CLIP-L"):
         flux_kohya_name("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q")
     t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
-    save_file({f"{t5}.lora_down.weight": tensor, f"{t5}.lora_up.weight": tensor.T}, str(tmp_path / "t5.safetensors"))
+    save_file(
+        {f"{t5}.lora_down.weight": tensor, f"{t5}.lora_up.weight": tensor.T.contiguous()},
+        str(tmp_path / "t5.safetensors"),
+    )
     with pytest.raises(TunerError, match="T5"):
         read_flux_kohya(tmp_path / "t5.safetensors")
