@@ -216,7 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write a tiny random pipeline (for tests and trying things out)")
     p.add_argument("directory")
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p.add_argument(
+        "--family",
+        choices=["sd1", "sd2", "sdxl", "sd3", "flux"],  # tuner.tiny.FAMILIES (not imported: it loads diffusers)
+        default="sd1",
+        help="sd1, sd2 (v-prediction), sdxl, sd3 (SD3.5-shaped MMDiT, 3 text encoders) or flux (FLUX.1-dev-shaped); "
+        "default: sd1",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_make_tiny)
     return parser

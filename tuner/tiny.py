@@ -36,9 +36,15 @@ FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 _SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
-def tiny_vae(scaling_factor: float = 0.18215, seed: int = 0, latent_channels: int = 4, shift_factor=None):
-    """Four blocks, three downsamples: the usual 8x spatial factor; 4 latent channels (16 with a shift factor for
-    the transformer families)."""
+def tiny_vae(
+    scaling_factor: float = 0.18215,
+    seed: int = 0,
+    latent_channels: int = 4,
+    shift_factor: float | None = None,
+    quant_conv: bool = True,
+) -> AutoencoderKL:
+    """Four blocks, three downsamples: the usual 8x spatial factor; 4 latent channels, or (SD3 and FLUX.1) 16
+    with a shift factor and no 1x1 quant / post-quant convs."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -52,6 +58,8 @@ def tiny_vae(scaling_factor: float = 0.18215, seed: int = 0, latent_channels: in
         sample_size=64,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
+        use_quant_conv=quant_conv,
+        use_post_quant_conv=quant_conv,
     )
 
 
@@ -141,7 +149,7 @@ def build_sd3(seed: int, words) -> StableDiffusion3Pipeline:
                                         qk_norm="rms_norm")  # fmt: skip
     return StableDiffusion3Pipeline(
         transformer=transformer,
-        vae=tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16, seed=seed),
+        vae=tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16, seed=seed, quant_conv=False),
         text_encoder=tiny_text_encoder(len(tokenizer), projection=True, seed=seed + 1),
         text_encoder_2=tiny_text_encoder(len(tokenizer), projection=True, seed=seed + 2, act="gelu"),
         text_encoder_3=tiny_t5(len(t5_tokenizer), 64, seed=seed + 4),
@@ -165,7 +173,7 @@ def build_flux(seed: int, words) -> FluxPipeline:
                                                 base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
     return FluxPipeline(
         transformer=transformer,
-        vae=tiny_vae(scaling_factor=0.3611, shift_factor=0.1159, latent_channels=16, seed=seed),
+        vae=tiny_vae(scaling_factor=0.3611, shift_factor=0.1159, latent_channels=16, seed=seed, quant_conv=False),
         text_encoder=tiny_text_encoder(len(tokenizer), seed=seed + 1),
         text_encoder_2=tiny_t5(len(t5_tokenizer), 32, seed=seed + 4),
         tokenizer=tokenizer,

@@ -1,7 +1,9 @@
-"""A CLIP tokenizer built from the project's own word list, so tiny and micro models need no download.
+"""CLIP and T5 tokenizers built from the project's own word list, so tiny and micro models need no download.
 
-Every word becomes one token through a chain of BPE merges; any other word still tokenizes, letter by
+CLIP: every word becomes one token through a chain of BPE merges; any other word still tokenizes, letter by
 letter, because every character is in the vocabulary in both its inner and word-final (`</w>`) form.
+T5: a sentencepiece-style Unigram model (`tokenizer.json`, no `spiece.model`) with one `▁word` piece per word
+and every ASCII character as a piece, so nothing maps to `<unk>`.
 """
 
 from __future__ import annotations
@@ -113,15 +115,37 @@ def build_tokenizer(words: list[str] | tuple[str, ...] = BASIC_WORDS, max_length
 
 
 def build_t5_tokenizer(words: list[str] | tuple[str, ...] = BASIC_WORDS, model_max_length: int = 32):
-    """A T5 tokenizer (pad 0, eos 1, unk 2, `</s>` appended, sentencepiece-style `▁word` pieces) over `words`
-    plus single characters, built in code: no sentencepiece file to download. Each word is one piece; any other
-    word still tokenizes, by characters. It saves as `tokenizer.json`, which stock pipelines reload."""
+    """A T5 tokenizer over `words` plus single characters, built in code: no sentencepiece file to download.
+
+    Like T5's: pad 0, eos (`</s>`, appended) 1, unk 2, `▁`-prefixed Unigram pieces, no lowercasing (upper-case
+    letters are pieces of their own). Each word is one piece; any other word still tokenizes, by characters.
+    The pipeline is exactly the one transformers' `T5Tokenizer` builds around a Unigram vocabulary, so the saved
+    `tokenizer.json` reloads (stock pipelines included) to the same ids under transformers 4 and 5.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
     from transformers import T5TokenizerFast
 
     scores: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}
     for word in dict.fromkeys(w.lower() for w in words):
         scores.setdefault("▁" + word, -1.0)
-    for char in string.ascii_lowercase + string.digits + string.punctuation:
+    for char in string.ascii_lowercase + string.digits + string.punctuation + string.ascii_uppercase:
         scores.setdefault(char, -5.0)
         scores.setdefault("▁" + char, -4.0)
-    return T5TokenizerFast(vocab=list(scores.items()), extra_ids=0, model_max_length=model_max_length)
+    backend = Tokenizer(Unigram(list(scores.items()), unk_id=2, byte_fallback=False))
+    metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    backend.decoder = decoders.Metaspace(**metaspace)
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )

@@ -101,14 +101,33 @@ class UNetBiasTrainer(Trainer):
 
 
 class HookedLoraTrainer(LoraTrainer):
-    """The real LoRA trainer with the kill hook, for exact-resume tests on every family."""
+    """The real LoRA trainer with the kill hook, for exact-resume and DDP tests on every family.
+
+    `TUNER_TEST_PER_EXAMPLE_NOISE=1` draws each example's noise from its caption and the step (as the test
+    trainer above), so a batch split over two processes sees the noise one process would.
+    """
 
     name = "lora_hooked"
 
     def compute_loss(self, parts, batch: dict[str, Any]) -> torch.Tensor:
         if os.environ.get("TUNER_TEST_KILL_AT_STEP") == str(self.global_step):
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().compute_loss(parts, batch)
+        if os.environ.get("TUNER_TEST_PER_EXAMPLE_NOISE") != "1":
+            return super().compute_loss(parts, batch)
+
+        def example(value: Any, i: int) -> Any:
+            if torch.is_tensor(value) and value.ndim:
+                return value[i : i + 1]
+            if isinstance(value, list) and value and torch.is_tensor(value[0]):
+                return [v[i : i + 1] for v in value]  # input_ids: one tensor per tokenizer
+            return value[i : i + 1] if isinstance(value, list) else value
+
+        losses = []
+        for i, caption in enumerate(batch["captions"]):
+            seed = zlib.crc32(f"{caption}:{self.global_step}".encode())
+            one = {k: example(v, i) for k, v in batch.items() if k != "generator"}
+            losses.append(super().compute_loss(parts, {**one, "generator": torch.Generator().manual_seed(seed)}))
+        return torch.stack(losses).mean()
 
 
 def register() -> None:
