@@ -295,7 +295,10 @@ class DecoderTrainer(Trainer):
         val = self.config.validation
         prompts, seeds = validation_prompt_list(self), list(val.seeds) or [0]
         kwargs = sampling_kwargs(self.config)
-        with sampling_mode([parts.denoiser, parts.vae, *parts.text_encoders], parts.weight_dtype):
+        from tuner.runtime import encoders_on
+
+        modules = [parts.denoiser, parts.vae, *parts.text_encoders]
+        with encoders_on(parts), sampling_mode(modules, parts.weight_dtype):
             pipe = validation_pipeline(parts, val.scheduler)
             if self._base_samples is None:  # base UNet + base decoder never change: render them once
                 with self.base_vae(parts):

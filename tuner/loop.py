@@ -73,6 +73,7 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
     runtime.apply_precision(parts, params, tc.mixed_precision)
     runtime.memory_levers(parts, config)
     data = build_training_data(config, parts, trainables.needs, rank=rank, world_size=world)
+    runtime.free_text_encoders(parts, trainables.needs, config)
     accelerator.wait_for_everyone()
 
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)

@@ -122,6 +122,8 @@ class Parts:
     revision: str | None = None
     guidance_scale: float = 1.0
     """Embedded guidance given to a guidance-distilled denoiser (FLUX.1-dev) in training forward passes."""
+    encoders_offloaded: bool = False
+    """The text encoders wait on the CPU while training reads cached embeddings (`runtime.free_text_encoders`)."""
 
     @classmethod
     def from_pipeline(cls, pipe: Any, source: str = "") -> Parts:

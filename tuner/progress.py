@@ -90,7 +90,8 @@ def run_summary(config: RunConfig, parts, optimizer, data, world: int, resume_fr
         f"× {world} process(es) = {global_batch} images/step",
         f"  optimizer {oc.name} ({oc.lr_scheduler}, warmup {oc.lr_warmup_steps}) · trainable: {groups}",
         f"  precision {tc.mixed_precision} · gradient checkpointing {'on' if tc.gradient_checkpointing else 'off'} "
-        f"· attention {tc.attention} · EMA {'on' if tc.use_ema else 'off'} · seed {tc.seed}",
+        f"· attention {tc.attention} · EMA {'on' if tc.use_ema else 'off'} · seed {tc.seed}"
+        + (" · text encoders freed (embeddings cached)" if getattr(parts, "encoders_offloaded", False) else ""),
         f"  output {tc.output_dir} · checkpoint every {tc.checkpointing_steps} (keep {tc.checkpoints_total_limit})"
         + (f" · resuming from {resume_from}" if resume_from else ""),
     ]

@@ -90,6 +90,36 @@ def memory_levers(parts, config: RunConfig) -> None:
             parts.unwrapped(module).enable_xformers_memory_efficient_attention()
 
 
+def free_text_encoders(parts, needs: frozenset[str], config: RunConfig) -> None:
+    """With every caption's embeddings cached and no encoder training, move the text encoders (T5 is gigabytes)
+    off the accelerator before the first step; validation brings them back for its renders (`encoders_on`)."""
+    cached = config.data.cache_text_embeds and "input_ids" not in needs
+    if not cached or parts.device.type == "cpu":
+        return
+    for encoder in parts.text_encoders:
+        encoder.to("cpu")
+    parts.encoders_offloaded = True
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def encoders_on(parts) -> Iterator[None]:
+    """The text encoders on the training device for the duration (sampling needs them), then freed again."""
+    if not getattr(parts, "encoders_offloaded", False):
+        yield
+        return
+    for encoder in parts.text_encoders:
+        encoder.to(parts.device)
+    try:
+        yield
+    finally:
+        for encoder in parts.text_encoders:
+            encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def prepare(accelerator, parts, modules: dict[str, nn.Module], optimizer, scheduler, micro_batch: int):
     """accelerate-prepare the trained modules with optimizer and schedule -> (wrapped by key, optimizer, schedule),
     and put each wrapped module on `parts` where its key says it lives, so the trainer calls the wrapper.

@@ -160,7 +160,9 @@ def render_validation_grid(trainer: Trainer, parts: Parts, step: int) -> Image.I
     modules = [parts.denoiser, parts.vae, *parts.text_encoders]
     scales = list(val.scales) or [1.0]
     column_sets: list[tuple[str, list[list[Image.Image]]]] = []
-    with sampling_mode(modules, parts.weight_dtype):
+    from tuner.runtime import encoders_on
+
+    with encoders_on(parts), sampling_mode(modules, parts.weight_dtype):
         pipe = validation_pipeline(parts, val.scheduler)
         try:
             scalable = trainer.set_adapter_scale(parts, scales[0])

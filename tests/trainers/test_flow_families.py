@@ -213,6 +213,13 @@ def test_trains_ten_steps_and_every_export_loads_in_a_fresh_pipeline(tiny_models
         assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in keys)
         assert any(k.startswith("lora_te1_text_model_encoder_layers_0") for k in keys)
         assert (run / "grids" / "final.png").is_file()
+        if method == "lora":  # `tuner export` between the two forms, each checked in the base model
+            from tuner.export.convert import export, file_format
+
+            back = export(run / "run.safetensors", "diffusers", tmp_path / "conv", model=str(tiny_models[family]))
+            assert file_format(back) == "peft"
+            again = export(back, "kohya", tmp_path / "conv" / "again.safetensors", model=str(tiny_models[family]))
+            assert file_format(again) == "kohya-flux"
     else:
         assert paths == ["pytorch_lora_weights.safetensors"] and "ComfyUI" in artifact.files[0].tools
     from safetensors import safe_open

@@ -15,6 +15,7 @@ import torch
 from tuner.errors import TunerError
 from tuner.export import metadata as md
 from tuner.export.lora_diffusers import diffusers_loadable, peft_weight_name, read_peft_file, write_peft_file
+from tuner.export.lora_flux import module_deltas, read_flux_kohya, write_flux_kohya
 from tuner.export.lora_kohya import is_kohya, kohya_tensors, read_kohya, read_kohya_tensors, write_kohya
 from tuner.export.roundtrip import Check, fresh_pipeline, verify_files
 from tuner.export.state import COMPONENTS, LoraState, module_paths
@@ -22,11 +23,13 @@ from tuner.export.state import COMPONENTS, LoraState, module_paths
 logger = logging.getLogger(__name__)
 
 TARGETS = ("diffusers", "kohya", "fused")
-ARCH_FAMILIES = {"stable-diffusion-xl": "sdxl", "stable-diffusion-v2": "sd2", "stable-diffusion-v1": "sd1"}
+ARCH_FAMILIES = {"stable-diffusion-xl": "sdxl", "stable-diffusion-v2": "sd2", "stable-diffusion-v1": "sd1",
+                 "stable-diffusion-3": "sd3", "flux-1": "flux"}  # fmt: skip
+FLUX_BLOCKS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
 
 
 def file_format(path: str | Path) -> str:
-    """`kohya` or `peft` (the diffusers/peft layout), from the keys of a .safetensors file."""
+    """`kohya`, `kohya-flux` (BFL module names) or `peft` (the diffusers/peft layout), from a file's keys."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -34,6 +37,8 @@ def file_format(path: str | Path) -> str:
         raise TunerError(f"{path}: expected an existing .safetensors LoRA file")
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
+    if any(k.startswith(FLUX_BLOCKS) for k in keys):
+        return "kohya-flux"
     if is_kohya(keys):
         return "kohya"
     if keys and all(k.split(".", 1)[0] in COMPONENTS for k in keys):
@@ -50,6 +55,8 @@ def _family(model: str | None, header: dict[str, str]) -> tuple[Any, str]:
     arch = header.get("modelspec.architecture", "")
     for prefix, name in ARCH_FAMILIES.items():
         if arch.startswith(prefix):
+            if FAMILIES[name].objective.name == "flow_matching":
+                return FAMILIES[name], "flow_matching"
             v = arch.endswith("-v/lora") or header.get("modelspec.prediction_type") == "v"
             return FAMILIES[name], "v_prediction" if v else "epsilon"
     raise TunerError("the model family is unknown: the file has no modelspec.architecture; pass --model BASE")
@@ -77,8 +84,11 @@ def module_names(model: str, num_text_encoders: int) -> dict[str, list[str]]:
 
 def read_any(path: str | Path, model: str | None = None) -> LoraState:
     """A LoRA file of either format as a `LoraState` (kohya files need the base model's module names)."""
-    if file_format(path) == "peft":
+    fmt = file_format(path)
+    if fmt == "peft":
         return read_peft_file(path)
+    if fmt == "kohya-flux":  # BFL names need no base model: the FLUX.1 layout is fixed
+        return read_flux_kohya(path)
     _, header = read_kohya_tensors(path)
     if not model:
         raise TunerError(f"{path}: reading a kohya file needs the base model (--model BASE) to resolve module names")
@@ -123,33 +133,54 @@ def convert_lora(
     source_format = file_format(input_path)
     state = read_any(input_path, model)
     header = _descriptive(state.metadata)
+    fmt = "peft"
     if to == "kohya":
         family, prediction = _family(model, header)
+        if family.lora_file_form is None:
+            raise TunerError(
+                f"--to kohya: {family.name} has no kohya form that a loader needs; its diffusers file "
+                "(pytorch_lora_weights.safetensors) is what diffusers and ComfyUI load"
+            )
         stem = name or header.get("ss_output_name") or input_path.parent.name or input_path.stem
         target = _output_file(out, f"{stem}.safetensors")
         _not_the_input(target, input_path)
         header.update(md.sd_version_metadata(family, prediction))
-        header.update(md.network_metadata(state.summary(), _has_conv(state)))
+        header.update(md.network_metadata(state.summary(), _has_conv(state), module=family.kohya_network_module))
         header.setdefault("modelspec.sai_model_spec", md.SPEC_VERSION)
         header.setdefault("modelspec.architecture", md.architecture(family, prediction))
         header.setdefault("modelspec.implementation", md.implementation(family))
         header.setdefault("modelspec.title", target.stem)
-        written = write_kohya(state, target, family.text_encoders, header)
-        back = read_kohya(written, module_names(model, family.text_encoders), family.text_encoders) if model else None
+        if family.lora_file_form == "kohya-flux":
+            fmt, written = "kohya-flux", write_flux_kohya(state, target, header)
+            _same_deltas(state, read_flux_kohya(written))
+            back = None
+        else:
+            fmt, written = "kohya", write_kohya(state, target, family.text_encoders, header)
+            names = module_names(model, family.text_encoders) if model else None
+            back = read_kohya(written, names, family.text_encoders) if model else None
     else:
         target = _output_file(out, peft_weight_name(state.variant))
         _not_the_input(target, input_path)
         written = write_peft_file(LoraState(state.components, {}), target, header)
         back = read_peft_file(written)
     if back is not None:
-        same_state(state, back)
+        same_state(state, back) if source_format != "kohya-flux" else _same_deltas(state, back)
     if model:
         from tuner.models import resolve_model_path
 
-        fmt = "kohya" if to == "kohya" else "peft"
         reference = _loader(input_path, source_format, state)
         verify_files(resolve_model_path(model), reference, [_loader(written, fmt, state)])
     return written
+
+
+def _same_deltas(a: LoraState, b: LoraState) -> None:
+    """A FLUX.1 conversion fuses and splits modules, changing ranks and scales but never a module's update."""
+    mine, theirs = module_deltas(a), module_deltas(b)
+    if set(mine) != set(theirs):
+        raise TunerError(f"conversion changed the adapted modules: {sorted(set(mine) ^ set(theirs))[:3]}")
+    for key, delta in mine.items():
+        if not torch.allclose(delta, theirs[key], rtol=1e-5, atol=1e-7):
+            raise TunerError(f"conversion changed {key[1]} (max difference {(delta - theirs[key]).abs().max():.3g})")
 
 
 def _not_the_input(target: Path, input_path: Path) -> None:
@@ -168,6 +199,8 @@ def _loader(path: Path, fmt: str, state: LoraState, scale: float = 1.0) -> Check
     from tuner.export.lora import uniform_alpha
 
     variant = state.variant
+    if fmt == "kohya-flux":
+        return Check(path, "kohya-flux", rtol=1e-4, scale=scale)
     if fmt == "kohya":
         loader = "diffusers" if variant == "lora" and uniform_alpha(state) else "merge"
     else:
@@ -185,6 +218,11 @@ def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float 
         raise TunerError(f"--out {out}: folder exists and is not empty")
     source = resolve_model_path(model)
     fmt = file_format(input_path)
+    if fmt == "kohya-flux":
+        raise TunerError(
+            f"{input_path}: fusing reads the diffusers form; convert it first (tuner export {input_path} --to "
+            "diffusers --out DIR --model BASE), then fuse that file"
+        )
     state = read_any(input_path, model)
     pipe = fresh_pipeline(source, complete=True)  # the saved folder keeps every component of the base
     if _loader(input_path, fmt, state).loader == "diffusers":
