@@ -7,6 +7,7 @@ this shows is what any diffusers user gets. User files are read as safetensors o
 
 from __future__ import annotations
 
+import contextlib
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -182,11 +183,20 @@ def lora_file(path: str | Path) -> Path:
 
 
 def load_loras(pipe: Any, paths: Sequence[Path]) -> list[str]:
-    """Load each LoRA (diffusers/peft or kohya keys; diffusers tells them apart) as its own adapter."""
+    """Load each LoRA (diffusers/peft or kohya keys; diffusers tells them apart) as its own adapter.
+
+    A FLUX.1 file in kohya's BFL form is read by `tuner.export.lora_flux` and handed to diffusers in its own
+    layout: diffusers' converter drops the modules outside the blocks and knows only FLUX.1's full widths.
+    """
     names: list[str] = []
     for i, path in enumerate(paths):
         name = f"lora{i}_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)[:40]}"
         try:
+            if _is_flux_kohya(path):
+                with _as_diffusers_file(path) as converted:
+                    pipe.load_lora_weights(str(converted.parent), weight_name=converted.name, adapter_name=name)
+                names.append(name)
+                continue
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a file that does not fit
             raise TunerError(
@@ -194,6 +204,27 @@ def load_loras(pipe: Any, paths: Sequence[Path]) -> list[str]:
             ) from None
         names.append(name)
     return names
+
+
+def _is_flux_kohya(path: Path) -> bool:
+    from tuner.export.convert import file_format
+
+    try:
+        return file_format(path) == "kohya-flux"
+    except TunerError:
+        return False
+
+
+@contextlib.contextmanager
+def _as_diffusers_file(path: Path):
+    """A temporary diffusers-layout copy of a kohya FLUX.1 file (every module, each delta unchanged)."""
+    import tempfile
+
+    from tuner.export.lora_diffusers import write_peft_file
+    from tuner.export.lora_flux import read_flux_kohya
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield write_peft_file(read_flux_kohya(path), Path(tmp) / "pytorch_lora_weights.safetensors")
 
 
 def set_lora_scale(pipe: Any, names: Sequence[str], scale: float) -> None:

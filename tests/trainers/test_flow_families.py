@@ -220,6 +220,15 @@ def test_trains_ten_steps_and_every_export_loads_in_a_fresh_pipeline(tiny_models
             assert file_format(back) == "peft"
             again = export(back, "kohya", tmp_path / "conv" / "again.safetensors", model=str(tiny_models[family]))
             assert file_format(again) == "kohya-flux"
+            from tuner.sampling import sample as tuner_sample  # `tuner sample` renders both forms alike
+
+            renders = [
+                tuner_sample(str(tiny_models[family]), [TRIGGER], [0], tmp_path / f"sample{i}", lora=[run / p],
+                             steps=2, width=64, height=64, grid=False).images[0]
+                for i, p in enumerate(paths)
+            ]  # fmt: skip
+            a, b = (np.asarray(Image.open(r), dtype=np.int16) for r in renders)
+            assert np.abs(a - b).max() <= 1
     else:
         assert paths == ["pytorch_lora_weights.safetensors"] and "ComfyUI" in artifact.files[0].tools
     from safetensors import safe_open

@@ -272,6 +272,25 @@ def test_presets_show_explain_prints_every_field_tiers_and_rules(capsys):
     assert all(f"{key} = " in out for key, _, _ in explain(config))
 
 
+def test_flux_preset_explains_every_field_including_the_flow_matching_ones(capsys):
+    assert main(["presets", "show", "style-lora-flux", "--explain"]) == 0
+    out = capsys.readouterr().out
+    from tuner.config import explain
+
+    config = load_config(preset="style-lora-flux")
+    assert all(f"{key} = " in out for key, _, _ in explain(config))
+    needles = (
+        "train.weighting_scheme = 'none'",
+        "train.timestep_sampling = 'logit_normal'",
+        "train.guidance_scale = 1.0",
+        "lora.unet_target_modules = 'attn+ff'",
+        "[tiers.24]  # default",
+    )
+    for needle in needles:
+        assert needle in out, needle
+    assert "Flow-matching loss weighting" in out  # each field's docstring comes along
+
+
 def test_train_reports_a_bad_vram_clearly(capsys):
     assert main(["train", "--preset", "subject-dreambooth-sdxl", "--vram", "12"]) == 1
     assert "needs at least 40 GB" in capsys.readouterr().err
