@@ -248,6 +248,18 @@ def test_trains_ten_steps_and_every_export_loads_in_a_fresh_pipeline(tiny_models
     assert np.array_equal(off, base)  # scale 0 is the base model, exactly
 
 
+@pytest.mark.parametrize(("family", "variant"), [("flux", "dora"), ("flux", "loha"), ("sd3", "lokr")])
+def test_peft_variants_train_on_the_transformer_and_round_trip(tiny_models, subject, tmp_path, family, variant):
+    run = train_here(run_table(tiny_models[family], subject, tmp_path / "run", steps=2,
+                               lora={"rank": 4, "variant": variant, "unet_target_modules": "all-linear"}))  # fmt: skip
+    artifact = Artifact.read(run)
+    assert artifact.extra["variant"] == variant and [f.path for f in artifact.files][:1] != []
+    report = artifact.extra["roundtrip"]
+    assert len(report) == 1 and all(max(d.values()) < 1e-4 for d in report.values()), report
+    with_adapter = load_file(str(run / artifact.files[0].path))
+    assert not any("norm" in k or "embedder" in k for k in with_adapter)  # all-linear leaves norms and embedders
+
+
 def test_flux_subject_lora_lowers_its_loss_and_changes_its_trigger_most(tiny_models, subject):
     """As for SD1: with image-free prior preservation on other prompts (the transformer with its adapters off),
     the subject's LoRA lowers the instance loss and changes the trigger prompt's samples more than unrelated
@@ -262,7 +274,7 @@ def test_flux_subject_lora_lowers_its_loss_and_changes_its_trigger_most(tiny_mod
     trainer = LoraTrainer(RunConfig.for_method("lora").model_validate(table))
     trainables = trainer.prepare(parts)
     optimizer = torch.optim.AdamW(trainables.parameters(), lr=1e-2)
-    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1).float() / 127.5 - 1
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1).float() / 127.5 - 1
                           for p in sorted(subject.glob("*.png"))])  # fmt: skip
     with torch.no_grad():
         dist = parts.vae.encode(pixels).latent_dist

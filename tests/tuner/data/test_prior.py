@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+from PIL import Image
+
 from tuner.data import build_training_data, check_data
 
 
@@ -36,11 +39,14 @@ def test_class_images_are_generated_once_and_reused(tmp_path, make_config, noise
         assert len(calls) == first, "the second run must not call the pipeline"
         assert check_data(config).class_images["to_generate"] == 0
 
-        original = (classes / made[1]).read_bytes()
+        original = np.asarray(Image.open(classes / made[1]), dtype=np.int16)
         (classes / made[1]).unlink()
         build_training_data(config, parts, frozenset({"latents"}), verbose=False)
         assert len(calls) > first, "a missing class image is generated again"
-        assert (classes / made[1]).read_bytes() == original, "same seed per image -> same image"
+        # Same seed per image -> the same image; alone instead of in a batch of 3, CPU kernels may round a
+        # pixel by one level (measured: at most 1 of 255).
+        again = np.asarray(Image.open(classes / made[1]), dtype=np.int16)
+        assert np.abs(again - original).max() <= 1, "same seed per image -> same image"
     finally:
         handle.remove()
 
