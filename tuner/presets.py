@@ -32,6 +32,9 @@ from tuner.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 PRESET_ONLY_TABLES = ("preset", "tiers", "scaling")
+BUILD_STAGES = frozenset({"micro-vae", "micro-base"})
+"""Presets that are steps of a recipe, not user tasks (the built-in micro base's build, `tuner.micro.build`):
+loadable by name, left out of `tuner presets list`."""
 
 
 def presets_dir() -> Path:
@@ -157,11 +160,14 @@ def _description(text: str) -> str:
     return "\n".join(lines).strip()
 
 
-def list_presets(root: Path | None = None) -> list[PresetInfo]:
-    """Every preset under `root`; a file that does not parse is listed with the problem as its summary."""
+def list_presets(root: Path | None = None, *, include_stages: bool = False) -> list[PresetInfo]:
+    """Every user preset under `root` (the build stages too with `include_stages`); a file that does not parse is
+    listed with the problem as its summary."""
     root = root or presets_dir()
     infos = []
     for path in sorted(root.glob("*/*.toml")):
+        if path.stem in BUILD_STAGES and not include_stages:
+            continue
         try:
             infos.append(read_preset_file(path).info)
         except ConfigError as exc:
@@ -174,10 +180,10 @@ def find_preset(name: str) -> PresetInfo:
     candidate = Path(name)
     if candidate.suffix == ".toml" and candidate.is_file():
         return PresetInfo(candidate.stem, candidate.parent.name, candidate, "")
-    infos = list_presets()
+    infos = list_presets(include_stages=True)
     matches = [info for info in infos if info.name == name]
     if not matches:
-        names = [info.name for info in infos]
+        names = [info.name for info in infos if info.name not in BUILD_STAGES]
         close = [n for n in names if n.startswith(name)] or difflib.get_close_matches(name, names, n=3)
         listed = ", ".join(names) or "(none installed)"
         shown = f"did you mean {', '.join(close)}?" if close else f"available: {listed}"

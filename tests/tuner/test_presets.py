@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import shlex
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +30,7 @@ TEST_VALUES = {
 
 
 def tiny_family(info) -> str:
-    return info.family[0]
+    return info.family[0] if info.family else "sd1"  # the micro base's build stages: an SD1-shaped pipeline
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_every_task_has_its_presets_for_the_families_that_make_sense():
     assert decoder.meta.family == ["sd1", "sd2"]  # SD1 and SD2 share the kl-f8 VAE
 
 
-@pytest.mark.parametrize("name", [info.name for info in list_presets()])
+@pytest.mark.parametrize("name", [info.name for info in list_presets(include_stages=True)])
 def test_every_preset_validates_at_every_tier(name):
     preset = read_preset(name)
     for tier in preset.tiers or [None]:
@@ -314,40 +318,74 @@ def test_class_images_are_generated_under_mixed_precision(tiny_models, photos, t
     assert len(list((tmp_path / "class").glob("*.png"))) == 1
 
 
-@pytest.mark.parametrize("info", OURS, ids=lambda i: i.name)
-def test_preset_trains_two_steps_on_its_tiny_family(info, tiny_models, photos, tmp_path, capsys):
-    out = tmp_path / "run"
-    preset = read_preset(info.name)
-    smallest = min(preset.tiers)  # every memory lever on: checkpointing, 8-bit AdamW, caches
-    overlay = preset.tiers[smallest]
-    sets = [
-        "data.resolution=64",
-        "data.enable_bucket=false",
-        "train.train_batch_size=1",
-        "train.max_train_steps=2",
-        "train.report_to=none",
-        "validation.enabled=false",
-        "data.num_class_images=2",
-        "data.class_inference_steps=2",
-        *required_sets(info, tmp_path),
-    ]
-    if overlay["train"]["mixed_precision"] == "fp16":
+def header_command(info) -> list[str]:
+    """The `tuner train --preset NAME ...` command of the preset's comment header, as arguments after `tuner`."""
+    lines = info.description.splitlines()
+    first = next(i for i, line in enumerate(lines) if f"tuner train --preset {info.name}" in line)
+    text = lines[first][lines[first].index("tuner train") :]
+    while text.endswith("\\"):
+        first += 1
+        text = text[:-1] + " " + lines[first]
+    return shlex.split(text)[1:]
+
+
+def tiny_command(info, argv: list[str], model, photos, tmp_path) -> list[str]:
+    """The header command on test scale: the tiny model of the preset's family replaces `--model` (a command
+    without one, a micro preset's, keeps its built-in micro base), the test photos replace `--data`; the build
+    stages' `/tmp/micro/...` folders move under `tmp_path`; `--set`s at the end keep the run to 3 small steps on the
+    CPU. Everything else stays as written (the run happens in `tmp_path`)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--model", "--data"):
+            i += 2
+            continue
+        out.append(argv[i].replace("/tmp/micro/", f"{tmp_path}/micro/"))
+        i += 1
+    for assignment in (a for a in out if a.startswith("data.subsets=")):  # a build stage's extra subset folders
+        for folder in re.findall(r'path = "([^"]+)"', assignment):
+            if not Path(folder).exists():
+                shutil.copytree(photos, folder)
+    out += (["--model", str(model)] if "--model" in argv else []) + ["--data", str(photos)]
+    tier = read_preset(info.name).pick_tier(float(argv[argv.index("--vram") + 1]) if "--vram" in argv else None)
+    overlay = read_preset(info.name).tiers.get(tier, {}) if tier else {}
+    sets = ["train.max_train_steps=3", "data.resolution=64", "data.enable_bucket=false", "train.train_batch_size=1",
+            "train.gradient_accumulation_steps=1", "train.report_to=none", "validation.enabled=false",
+            "data.num_class_images=1", "data.class_inference_steps=1"]  # fmt: skip
+    if overlay.get("train", {}).get("mixed_precision") == "fp16":
         sets.append("train.mixed_precision=no")  # fp16 autocast is CUDA-only; bf16 runs on the CPU as is
-    args = ["train", "--preset", info.name, "--vram", str(smallest), "--model", str(tiny_models[tiny_family(info)])]
-    args += ["--data", str(photos), "--output-dir", str(out)]
+    if "pivotal_ti_steps" in read_preset(info.name).table.get("textual_inversion", {}):
+        sets.append("textual_inversion.pivotal_ti_steps=2")  # a fixed phase 1 must end before step 3
     for assignment in sets:
-        args += ["--set", assignment]
-    assert main(args) == 0
+        out += ["--set", assignment]
+    return out
+
+
+def test_header_commands_are_found_for_every_preset():
+    for info in list_presets(include_stages=True):
+        argv = header_command(info)
+        assert argv[:3] == ["train", "--preset", info.name], info.name
+
+
+@pytest.mark.parametrize("info", list_presets(include_stages=True), ids=lambda i: i.name)
+def test_preset_header_command_runs_as_written(info, tiny_models, photos, tmp_path, monkeypatch, capsys):
+    """Each preset's documented command, on its family's tiny model and the test photos, for 3 steps."""
+    argv = header_command(info)
+    monkeypatch.chdir(tmp_path)
+    args = tiny_command(info, argv, tiny_models[tiny_family(info)], photos, tmp_path)
+    assert main(args) == 0, " ".join(args)
     printed = capsys.readouterr().out
-    assert "2 steps × batch 1" in printed  # the loop's summary of the resolved config
+    assert "3 steps × batch 1" in printed  # the loop's summary of the resolved config
+    out = Path(argv[argv.index("--output-dir") + 1]) if "--output-dir" in argv else Path("runs/latest")
+    out = tmp_path / Path(str(out).replace("/tmp/micro/", f"{tmp_path}/micro/"))
     artifact = json.loads((out / "artifact.json").read_text())
     assert artifact["method"] == info.method
     resolved = json.loads((out / "config.json").read_text())
-    assert resolved["train"]["gradient_checkpointing"] == overlay["train"]["gradient_checkpointing"]
-    assert resolved["optimizer"]["name"] == overlay["optimizer"]["name"]
-    assert resolved["data"]["num_repeats"] == math.ceil(100 / 6) or not preset.scaling.epoch_images
+    assert resolved["train"]["max_train_steps"] == 3
+    data = resolved["data"]
+    if data["with_prior_preservation"] and data["prior_mode"] == "images" and not data["class_data_dir"]:
+        assert len(list((out / "cache" / "class_images").glob("*.png"))) == 1  # the default class folder
 
 
 def test_a_mistyped_preset_name_suggests_the_close_ones():
-    with pytest.raises(ConfigError, match="did you mean style-lora-sd15, style-lora-sd21, style-lora-sdxl"):
+    with pytest.raises(ConfigError, match="did you mean style-lora-flux, style-lora-sd15, style-lora-sd21"):
         load_config(preset="style-lora")

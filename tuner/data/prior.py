@@ -1,8 +1,9 @@
 """DreamBooth prior preservation: the class set, and generating its missing images with the stock pipeline.
 
-Generated images are PNGs with a caption sidecar in `data.class_data_dir`, named by index and prompt, so the
-next run counts them and generates nothing. Each image has its own seed (train seed + index), so a partly
-filled folder is completed with the same images an uninterrupted run would have made.
+Generated images are PNGs with a caption sidecar in the class folder (`data.class_data_dir`, by default
+`<train.output_dir>/cache/class_images`, which `tuner publish` never uploads), named by index and prompt, so the
+next run into that folder counts them and generates nothing. Each image has its own seed (train seed + index), so a
+partly filled folder is completed with the same images an uninterrupted run would have made.
 """
 
 from __future__ import annotations
@@ -21,6 +22,39 @@ from tuner.errors import ConfigError, DataError
 logger = logging.getLogger("tuner.data")
 
 
+DEFAULT_CLASS_DIR = Path("cache") / "class_images"
+"""Where generated class images go when `data.class_data_dir` is not set, relative to `train.output_dir`."""
+
+
+def class_folder(config: RunConfig, listing: Listing | None = None) -> Path | None:
+    """The class-image folder: `data.class_data_dir`, else `<output_dir>/cache/class_images` when prior
+    preservation needs generated class images and no `is_reg` subset provides them; None when no folder is used."""
+    data = config.data
+    if data.class_data_dir:
+        return Path(data.class_data_dir).expanduser()
+    if not (data.with_prior_preservation and data.prior_mode == "images"):
+        return None
+    if listing is not None:
+        if any(item.is_class for item in listing.items):
+            return None  # the is_reg subsets are the class set
+    elif _has_reg_subset(config):
+        return None
+    return Path(config.train.output_dir).expanduser() / DEFAULT_CLASS_DIR
+
+
+def _has_reg_subset(config: RunConfig) -> bool:
+    """Whether `data.subsets` or a kohya TOML given as `data.path` holds an `is_reg` subset (no image is read)."""
+    data = config.data
+    if any(subset.is_reg for subset in data.subsets):
+        return True
+    local = Path(data.path).expanduser() if data.path else None
+    if local is not None and local.suffix == ".toml" and local.is_file():
+        from tuner.data.kohya import read_kohya_toml
+
+        return any(subset.is_reg for subset in read_kohya_toml(local))
+    return False
+
+
 def check_prior_config(config: RunConfig, listing: Listing) -> None:
     """Prior-preservation settings that contradict each other or the listed subsets are config errors."""
     data = config.data
@@ -34,14 +68,10 @@ def check_prior_config(config: RunConfig, listing: Listing) -> None:
         return
     if data.prior_mode == "model" and not data.class_prompt:
         raise ConfigError("data.class_prompt is not set: prior_mode = 'model' needs it (e.g. 'a photo of dog')")
-    if data.prior_mode == "images" and not data.class_data_dir and not has_reg:
+    if data.prior_mode == "images" and class_folder(config, listing) is not None and not data.class_prompt:
         raise ConfigError(
-            "data.class_data_dir is not set: prior preservation with prior_mode = 'images' needs a class folder "
-            "(missing images are generated there), an is_reg subset, or prior_mode = 'model'"
-        )
-    if data.prior_mode == "images" and data.class_data_dir and not data.class_prompt:
-        raise ConfigError(
-            "data.class_prompt is not set: it captions (and generates) the images of data.class_data_dir"
+            f"data.class_prompt is not set: it captions (and generates) the class images of "
+            f"{class_folder(config, listing)} (data.class_data_dir), e.g. --set data.class_prompt='a photo of dog'"
         )
 
 
@@ -61,7 +91,7 @@ def planned_class_files(config: RunConfig) -> tuple[list[Path], list[Path]]:
     Every rank computes the same plan from the same folder, so ranks can split the generation by index.
     """
     data = config.data
-    folder = Path(data.class_data_dir).expanduser()
+    folder = class_folder(config)
     tag = _prompt_tag(data.class_prompt or "")
     own = [p for p in _images_in(folder) if not (p.name.startswith("class-") and p.stem.endswith(tag))]
     # Generated files of another prompt count as user images: they are class images all the same.
@@ -78,9 +108,9 @@ def class_listing(config: RunConfig, listing: Listing, into: Listing | None = No
         return None
     if data.prior_mode == "model":
         return {"mode": "model (frozen base model prediction on the instance images)", "prompt": data.class_prompt}
-    info = {"mode": "images", "prompt": data.class_prompt, "folder": data.class_data_dir, "wanted": None}
-    if data.class_data_dir:
-        folder = Path(data.class_data_dir).expanduser()
+    folder = class_folder(config, listing)
+    info = {"mode": "images", "prompt": data.class_prompt, "folder": str(folder) if folder else None, "wanted": None}
+    if folder is not None:
         own, planned = planned_class_files(config)
         present = len(own) + sum(1 for p in planned if p.is_file())
         info.update(wanted=data.num_class_images, present=present, to_generate=len(planned) - present + len(own))
@@ -100,13 +130,13 @@ def ensure_class_images(config: RunConfig, parts, *, rank: int = 0, world_size: 
     Ranks split the missing indices and then wait until every planned file exists.
     """
     data = config.data
-    if not (data.with_prior_preservation and data.prior_mode == "images" and data.class_data_dir):
+    folder = class_folder(config)
+    if folder is None or not (data.with_prior_preservation and data.prior_mode == "images"):
         return 0
     _, planned = planned_class_files(config)
     missing = [(i, p) for i, p in enumerate(planned) if not p.is_file()]
     if not missing:
         return 0
-    folder = Path(data.class_data_dir).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
