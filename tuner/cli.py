@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 failed (the message says why), 2 usage error (argparse's o
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -45,10 +46,49 @@ def _load(args: argparse.Namespace):
 # --- commands ----------------------------------------------------------------------------------------
 
 
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_model_source(name: str) -> None:
+    """What a new user gets wrong about `--model`, said before any model loads: a mistyped `builtin:` name (with the
+    built-in names), and a local path that does not exist (instead of the hub's complaint about repo ids)."""
+    from pathlib import Path
+
+    from tuner.data.sources import _looks_like_hub_id
+    from tuner.errors import ConfigError
+    from tuner.models import BUILTIN_DIR, BUILTIN_PREFIX, has_builtin_model
+
+    field = f"model.pretrained_model_name_or_path = {name!r}"
+    if name.startswith(BUILTIN_PREFIX):
+        wanted = name[len(BUILTIN_PREFIX) :]
+        shipped = (
+            sorted(p.name for p in BUILTIN_DIR.iterdir() if has_builtin_model(p.name)) if BUILTIN_DIR.is_dir() else []
+        )
+        if shipped and wanted not in shipped:
+            close = difflib.get_close_matches(wanted, shipped, n=1, cutoff=0.5)
+            hint = f"did you mean {BUILTIN_PREFIX}{close[0]}? " if close else ""
+            names = ", ".join(BUILTIN_PREFIX + n for n in shipped)
+            raise ConfigError(f"{field}: no such built-in model; {hint}built-in models: {names}")
+        return
+    local = Path(name).expanduser()
+    if local.exists():
+        return  # a folder or a file: the loader says what it is and what it lacks
+    if name.lower().endswith(MODEL_FILE_SUFFIXES):
+        raise ConfigError(f"{field}: no such file")
+    if not _looks_like_hub_id(name):
+        raise ConfigError(
+            f"{field}: no such local folder (and not a hub id, which looks like `org/name`); give a diffusers "
+            "pipeline folder (`tuner make-tiny DIR` writes a tiny one) or a hub id"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from tuner.data.check import check_paths
     from tuner.loop import train
 
     config = _load(args)
+    check_model_source(config.model.pretrained_model_name_or_path)
+    check_paths(config)
     train(config, resume=args.resume)
     return 0
 
@@ -56,7 +96,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from tuner.data import check_data_main
 
-    return check_data_main(args.path, config_file=args.config, sets=args.set, as_json=args.json)
+    if args.path and args.data and args.path != args.data:
+        raise TunerError(f"check-data: PATH {args.path!r} and --data {args.data!r}: give the folder once")
+    path = args.path or args.data
+    return check_data_main(path, config_file=args.config, sets=args.set, as_json=args.json, preset=args.preset,
+                           vram=args.vram)  # fmt: skip
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -103,6 +147,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if len(args.token) > len(args.embedding):
         raise TunerError("--token: at most one per --embedding")
+    check_model_source(args.model)
     tokens = args.token + [None] * (len(args.embedding) - len(args.token))
     result = sample(
         args.model,
@@ -176,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="check a data set: what training will use, skip or refuse, and why")
     p.add_argument("path", nargs="?", help="image folder, kohya .toml, saved `datasets` folder or hub id (data.path)")
+    p.add_argument("--data", dest="data", help="the same as PATH, spelled as for `tuner train`")
+    p.add_argument("--preset", help="judge the data as this preset trains (its resolution, captions, class set)")
+    p.add_argument("--vram", type=float, metavar="GB", help="with --preset: its memory tier (resolution may differ)")
     p.add_argument("--config", help="run config TOML (any method, or only a [data] table)")
     p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="override one field")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -8,6 +8,7 @@ Field names follow the diffusers example flags so users recognize them.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import json
 import logging
@@ -383,15 +384,88 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (directly or as `Model | None`); None for plain values and lists."""
+    for candidate in (annotation, *(getattr(annotation, "__args__", ()) or ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted field path of `model`, nested tables too (`dreambooth.rank`, `textual_inversion.lora.rank`)."""
+    paths = []
+    for name, field in model.model_fields.items():
+        paths.append(f"{prefix}{name}")
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            paths += _field_paths(sub, f"{prefix}{name}.")
+    return paths
+
+
+def _where_it_lives(model: type[BaseModel], dotted: str) -> list[str]:
+    """Fields of `model` that a misplaced or mistyped `dotted` key probably means, best first: the same key (and as
+    much of its table path as matches) in another table, else close spellings in the key's own table."""
+    parts = dotted.split(".")
+    paths = [p for p in _field_paths(model) if p != dotted]
+    scored = []
+    for path in paths:
+        theirs = path.split(".")
+        shared = 0
+        while shared < min(len(parts), len(theirs)) and parts[-1 - shared] == theirs[-1 - shared]:
+            shared += 1
+        if shared:
+            scored.append((-shared, len(theirs), path))
+    if scored:
+        return [path for *_, path in sorted(scored)][:3]
+    table = dotted.rpartition(".")[0]
+    names = {p.rpartition(".")[2]: p for p in paths if p.rpartition(".")[0] == table}
+    return [names[n] for n in difflib.get_close_matches(parts[-1], list(names), n=3, cutoff=0.6)]
+
+
+def _method_table(model: type[BaseModel]) -> str | None:
+    """The name of the run model's method table (`lora`, `dreambooth`, ...), if it has one."""
+    extra = [name for name in model.model_fields if name not in SHARED_TABLES and name != "method"]
+    return extra[0] if len(extra) == 1 else None
+
+
+def _unknown_key_lines(model: type[BaseModel], loc: tuple[Any, ...], value: Any) -> list[str]:
+    """One line per unknown key: its dotted path, where it probably belongs, and the keys allowed where it is."""
+    owner = _model_at(model, loc)
+    allowed = ", ".join(sorted(owner.model_fields)) if owner else "?"
+    dotted = ".".join(str(p) for p in loc)
+    note = ""
+    method = _method_table(model)
+    if len(loc) == 1 and isinstance(value, dict) and method and loc[0] != method and _is_method(str(loc[0])):
+        note = f" ([{loc[0]}] is the table of method = {loc[0]!r}; this run's method is {method!r})"
+    if isinstance(value, dict) and value:  # an unknown table: place each of its keys
+        leaves = [f"{dotted}.{key}" for key in value]
+    else:
+        leaves = [dotted]
+    lines = []
+    for leaf in leaves:
+        guesses = _where_it_lives(model, leaf)
+        hint = f"did you mean {' or '.join(guesses)}? " if guesses else ""
+        lines.append(f"  {leaf}: unknown key{note}; {hint}allowed keys here: {allowed}")
+    return lines
+
+
+def _is_method(name: str) -> bool:
+    try:
+        from tuner.registry import available
+
+        return name in available()
+    except Exception:  # noqa: BLE001 - only a hint
+        return False
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str = "config") -> str:
     lines = [f"{source}: {exc.error_count()} problem(s)"]
     for err in exc.errors():
         loc = tuple(err["loc"])
         dotted = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
-            owner = _model_at(model, loc)
-            allowed = ", ".join(sorted(owner.model_fields)) if owner else "?"
-            lines.append(f"  {dotted}: unknown key; allowed keys here: {allowed}")
+            lines += _unknown_key_lines(model, loc, err.get("input"))
         else:
             value = err.get("input")
             shown = json.dumps(value, default=str) if not isinstance(value, dict) else "a table"

@@ -76,7 +76,7 @@ def run_demo(output_dir: str | Path = "tuner-demo", model: str | None = None, st
     }
     config = load_config(preset=PRESET, sets=sets, overrides=overrides)
     started = time.perf_counter()
-    run = train(config)
+    run = train(config, summary=False)  # the summary comes last, with the judge's figures
     seconds = time.perf_counter() - started
     metrics = {"train_seconds": round(seconds, 1), "steps": config.train.max_train_steps}
     metrics["judge"] = _judge(model, run, config.data.token or "sks")
@@ -102,34 +102,22 @@ def _judge(model: str, run: Path, token: str) -> dict:
 
 
 def _explain(run: Path, photos: Path, metrics: dict) -> None:
-    grids = sorted((run / "grids").glob("*.png"))
+    """The summary `tuner train` prints, with the photos, the judge's figures and a sample line for the subject."""
+    from tuner.progress import closing_summary
+
     judge = metrics["judge"]
-    lines = [
-        "",
-        f"Done in {metrics['train_seconds']} s of training. Everything is in {run}",
-        f"  photos used:        {photos}",
-        f"  validation grid:    {grids[-1] if grids else '(none)'}  (columns: base | tuned, per seed)",
-        f"  LoRA (diffusers):   {run / 'pytorch_lora_weights.safetensors'}",
-        f"  LoRA (A1111/Comfy): {next((str(p) for p in run.glob('*.safetensors') if 'pytorch' not in p.name), '-')}",
-        f"  metrics.json:       subject fidelity {judge['fidelity']:.2f} (base {judge['base_fidelity']:.2f}), "
-        f"context adherence {judge['context_adherence']:.2f}, prior drift {judge['prior_drift']:.2f}",
-        f"  model card:         {run / 'README.md'}",
-        "",
-        "Load it in diffusers:",
-        "  from diffusers import DiffusionPipeline",
-        f'  pipe = DiffusionPipeline.from_pretrained("{_model_path_hint()}")',
-        f'  pipe.load_lora_weights("{run}")',
-        '  image = pipe("a photo of a sks heart on a green background", height=64, width=64).images[0]',
-        "",
-        f"Publish it: tuner publish {run} --repo-id you/micro-sks-heart",
-    ]
-    print("\n".join(lines))
-
-
-def _model_path_hint() -> str:
-    from tuner.models import builtin_model_path
-
-    try:
-        return str(builtin_model_path("micro"))
-    except TunerError:
-        return "<base model folder>"
+    details = [
+        ("photos used", str(photos)),
+        ("metrics.json", f"subject fidelity {judge['fidelity']:.2f} (base {judge['base_fidelity']:.2f}), context "
+                         f"adherence {judge['context_adherence']:.2f}, prior drift {judge['prior_drift']:.2f}"),
+    ]  # fmt: skip
+    print(
+        closing_summary(
+            run,
+            details=details,
+            headline=f"Done in {metrics['train_seconds']} s of training.",
+            prompt="a photo of a sks heart on a green background",
+            size=64,
+            repo_id="you/micro-sks-heart",
+        )
+    )

@@ -32,7 +32,7 @@ from tuner import runtime
 from tuner.checkpoint import Position, TrainingState, capture_rng, list_checkpoints, resolve_resume, restore_rng
 from tuner.config import RunConfig, save_config
 from tuner.errors import TrainingStopped, TunerError
-from tuner.progress import ProgressBar, StopSignal, run_summary
+from tuner.progress import ProgressBar, StopSignal, closing_summary, run_summary
 from tuner.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,10 @@ logger = logging.getLogger(__name__)
 MAX_SKIPPED_STEPS = 25  # fp16: consecutive overflow-skipped steps before the guard calls it divergence
 
 
-def train(config: RunConfig, resume: str | None = None) -> Path:
-    """Train `config.method` on `config.data`; returns the run folder (artifacts, checkpoints, grids, logs)."""
+def train(config: RunConfig, resume: str | None = None, *, summary: bool = True) -> Path:
+    """Train `config.method` on `config.data`; returns the run folder (artifacts, checkpoints, grids, logs).
+
+    `summary`: end with where everything is, how to load it and how to publish it (`tuner demo` prints its own)."""
     from accelerate.utils import DistributedType, set_seed
 
     from tuner.data import build_training_data
@@ -131,6 +133,8 @@ def train(config: RunConfig, resume: str | None = None) -> Path:
             if main:
                 trainer.save(parts, run_dir).write(run_dir)
                 _finish(config, run_dir)
+                if summary:
+                    print(closing_summary(run_dir), flush=True)
         accelerator.wait_for_everyone()
     finally:
         bar.close()

@@ -7,6 +7,7 @@ agrees on it across processes, writes a checkpoint and stops. A second Ctrl-C qu
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -96,3 +97,69 @@ def run_summary(config: RunConfig, parts, optimizer, data, world: int, resume_fr
         + (f" · resuming from {resume_from}" if resume_from else ""),
     ]
     return "\n".join(lines)
+
+
+def closing_summary(
+    run_dir: str | Path,
+    *,
+    details: list[tuple[str, str]] | None = None,
+    headline: str = "Done.",
+    prompt: str | None = None,
+    size: int | None = None,
+    repo_id: str = "you/NAME",
+) -> str:
+    """What `tuner train` and `tuner demo` print last: where each artifact is and which tools load it, the grid and
+    the model card, the Python that loads the result into a stock diffusers pipeline, and the publish command.
+
+    `details`: more (label, value) rows (the demo's photos and judge figures); `prompt`/`size`: the sample line.
+    """
+    from tuner.trainer import Artifact
+
+    run = Path(run_dir).resolve()
+    artifact = Artifact.read(run)
+    rows = list(details or [])
+    for f in artifact.files:
+        tools = f" ({', '.join(f.tools)})" if f.tools else ""
+        rows.append((f"{f.format}{tools}", str(run / f.path)))
+    grids = sorted((run / "grids").glob("*.png")) if (run / "grids").is_dir() else []
+    final = run / "grids" / "final.png"
+    grid = str(final if final in grids else grids[-1]) if grids else "(none: validation was off)"
+    rows.append(("validation grid", grid))
+    if (run / "README.md").is_file():
+        rows.append(("model card", str(run / "README.md")))
+    width = max(len(label) for label, _ in rows) + 1
+    lines = ["", f"{headline} Everything is in {run}"]
+    lines += [f"  {(label + ':').ljust(width)} {value}" for label, value in rows]
+
+    loads = [f.load for f in artifact.files if f.load]
+    if loads:
+        lines += ["", "Load it in diffusers:", "  from diffusers import DiffusionPipeline"]
+        if not any("pipe = " in line for line in loads[:1]):
+            lines.append(f'  pipe = DiffusionPipeline.from_pretrained("{_base_path(artifact.base_model)}")')
+        lines.append(f"  {loads[0]}")
+        lines += [f"  # or: {line}" for line in loads[1:]]
+        prompt = prompt or artifact.instance_prompt
+        size = size or _resolution(run)
+        if prompt:
+            shape = f", height={size}, width={size}" if size else ""
+            lines.append(f"  image = pipe({json.dumps(prompt)}{shape}).images[0]")
+    lines += ["", f"Publish it: tuner publish {run} --repo-id {repo_id}"]
+    return "\n".join(lines)
+
+
+def _resolution(run: Path) -> int | None:
+    """The resolution the run trained at (from its `config.json`), the size to sample at."""
+    try:
+        return int(json.loads((run / "config.json").read_text(encoding="utf-8"))["data"]["resolution"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _base_path(base: str) -> str:
+    """A `builtin:` base as the folder it lives in (what `from_pretrained` takes); anything else as given."""
+    try:
+        from tuner.models import resolve_model_path
+
+        return str(resolve_model_path(base))
+    except Exception:  # noqa: BLE001 - a missing built-in still reads well as its name
+        return base

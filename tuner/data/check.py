@@ -170,12 +170,13 @@ def inspect_items(
     return entries, records
 
 
-def check_data(config: RunConfig, parts=None, *, dataset=None) -> DataReport:
+def check_data(config: RunConfig, parts=None, *, dataset=None, remember: bool = True) -> DataReport:
     """Inspect the data of `config` without training: what would be used, skipped or refused, and why.
 
     No model is needed; with `parts` the bucket steps are checked against its VAE factor. `dataset` (an
     in-memory `datasets.Dataset`) replaces `data.path`. Class images that prior preservation would generate are
-    counted, not generated.
+    counted, not generated. `remember`: keep what inspecting each file found in the cache folder (`inspect.json`),
+    so training does not decode them again; without it nothing is written anywhere.
     """
     from tuner.data.prior import class_listing
 
@@ -183,18 +184,52 @@ def check_data(config: RunConfig, parts=None, *, dataset=None) -> DataReport:
     bucketer = Bucketer(data, parts.vae_scale_factor if parts is not None else 8)
     listing = list_sources(config, dataset)
     class_info = class_listing(config, listing)
-    memo = InspectMemo(default_cache_dir(config) / "inspect.json", data.max_image_pixels)
+    memo = InspectMemo(default_cache_dir(config) / "inspect.json" if remember else None, data.max_image_pixels)
     entries, records = inspect_items(listing.items, data, bucketer, memo)
     return DataReport.build(config, listing, entries, records, class_info=class_info)
 
 
-def check_config(path: str | None, config_file: str | None = None, sets: list[str] | None = None) -> RunConfig:
-    """The run config `tuner check-data` inspects: the file's (any method) or data-only defaults, then PATH, --set."""
+def check_paths(config: RunConfig) -> None:
+    """The data folders exist (hub dataset ids aside): a cheap look, so a mistyped `--data` is reported before any
+    model loads. What is inside them is the data check's job."""
+    from tuner.data.sources import _looks_like_hub_id
+    from tuner.errors import DataError
+
+    data = config.data
+    if data.path and data.source_format in ("auto", "folder"):
+        local = Path(data.path).expanduser()
+        # `org/name` may be a hub dataset; a bare name (`photos`) is far more often a mistyped folder.
+        hub_shaped = data.source_format == "auto" and "/" in data.path and _looks_like_hub_id(data.path)
+        if not local.exists() and not hub_shaped:
+            hint = "" if "/" in data.path else "; a hub dataset id? add --set data.source_format=datasets"
+            raise DataError(f"data.path = {data.path!r}: no such folder (--data takes a folder of images){hint}")
+    for index, subset in enumerate(data.subsets):
+        if not Path(subset.path).expanduser().is_dir():
+            raise DataError(f"data.subsets[{index}].path = {subset.path!r}: no such folder")
+
+
+def check_config(
+    path: str | None,
+    config_file: str | None = None,
+    sets: list[str] | None = None,
+    preset: str | None = None,
+    vram: float | None = None,
+) -> RunConfig:
+    """The run config `tuner check-data` inspects: the preset's (at its `vram` tier), the file's (any method) or
+    data-only defaults, then PATH and --set. A preset's required fields and scaling rules are not applied: they
+    decide how a run trains, not which files it can use."""
     from pydantic import ValidationError
 
     from tuner.config import build_config, deep_merge, format_validation_error, parse_set, read_toml
 
     layers: list[tuple[str, dict]] = []
+    if preset:
+        from tuner.presets import read_preset
+
+        label, layer, _ = read_preset(preset).layer(vram)
+        layers.append((label, layer))
+    elif vram is not None:
+        raise ConfigError(f"--vram {vram:g}: picks a memory tier of a preset; give --preset NAME too")
     if config_file:
         layers.append((str(config_file), read_toml(config_file)))
     if path:
@@ -213,11 +248,18 @@ def check_config(path: str | None, config_file: str | None = None, sets: list[st
 
 
 def check_data_main(
-    path: str | None, config_file: str | None = None, sets: list[str] | None = None, as_json: bool = False
+    path: str | None,
+    config_file: str | None = None,
+    sets: list[str] | None = None,
+    as_json: bool = False,
+    preset: str | None = None,
+    vram: float | None = None,
 ) -> int:
-    """`tuner check-data`: print the report (text or JSON); exit status 1 when training would refuse this data."""
-    config = check_config(path, config_file, sets)
-    report = check_data(config)
+    """`tuner check-data`: print the report (text or JSON); exit status 1 when training would refuse this data.
+
+    It writes nothing, into the data folder or anywhere else, unless `data.cache_dir` names a cache folder."""
+    config = check_config(path, config_file, sets, preset, vram)
+    report = check_data(config, remember=config.data.cache_dir is not None)
     print(report.to_json() if as_json else report.to_text())
     blocked = report.used == 0 or (config.data.bad_file_policy == "error" and report.problems)
     return 1 if blocked else 0
