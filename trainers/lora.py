@@ -231,7 +231,7 @@ def save_lora(
         resolution=run_config.data.resolution,
         trigger=trigger_words(run_config),
         training={**training_metadata(run_config, name), "ss_network_dropout": str(cfg.dropout)},
-        config_json=json.dumps(run_config.to_dict(), sort_keys=True),
+        config_json=json.dumps(run_config.public_dict(), sort_keys=True),
         verify=cfg.verify_export,
     )
     if extra is not None:
@@ -247,6 +247,29 @@ def base_prediction(parts: Parts, noisy: torch.Tensor, timesteps: torch.Tensor, 
         return parts.family.predict(parts, parts.unwrapped(parts.denoiser), noisy, timesteps, cond)
     finally:
         set_lora_scale(parts, 1.0, components=denoiser)
+
+
+def data_captions(run_config: Any, limit: int) -> list[str]:
+    """Up to `limit` distinct captions of the instance data, formatted as training uses them (template, prefix,
+    suffix), spread over the data; [] when the data has none or cannot be listed (validation then says so)."""
+    from tuner.data.captions import format_caption
+    from tuner.data.sources import list_sources
+
+    data = run_config.data
+    try:
+        items = [i for i in list_sources(run_config).items if not i.is_class and i.problem is None]
+    except Exception:  # noqa: BLE001 - no captions is not an error here; training reports bad data itself
+        return []
+    captions: list[str] = []
+    for item in items:
+        if item.caption and item.caption.strip():
+            text = format_caption(data, item.caption.strip(), item.prefix)
+            if text and text not in captions:
+                captions.append(text)
+    if len(captions) <= limit:
+        return captions
+    step = len(captions) / limit
+    return [captions[int(i * step)] for i in range(limit)]
 
 
 def trigger_words(run_config: Any) -> str | None:
@@ -294,11 +317,20 @@ class LoraTrainer(Trainer):
         set_lora_scale(parts, scale)
         return True
 
+    validation_caption_count = 3
+    """How many of the data's captions become validation prompts when none are configured."""
+
     def validation_prompts(self) -> list[str]:
-        """The instance / class prompts, else the trigger token in a plain sentence (captioned subject sets)."""
+        """The instance / class prompts; else a few of the data's captions as training formats them (with the
+        trigger word in front when a caption lacks it); else the trigger token in a plain sentence."""
         prompts = super().validation_prompts()
+        if prompts:
+            return prompts
         token = self.config.data.token
-        return prompts or ([f"a photo of {token}"] if token else [])
+        captions = data_captions(self.config, self.validation_caption_count)
+        if token:
+            captions = [c if token in c else f"{token}, {c}" for c in captions]
+        return captions or ([f"a photo of {token}"] if token else [])
 
     def save(self, parts: Parts, out_dir: Path) -> Artifact:
         extra: dict[str, Any] = {}

@@ -340,7 +340,7 @@ class TextualInversionTrainer(Trainer):
         meta = modelspec(parts.family, parts.prediction_type, stem, self.config.data.resolution, trigger=stem,
                          adapter="textual-inversion")  # fmt: skip
         meta.update({"tuner.token": self.token, "tuner.num_vectors": str(len(self.names)),
-                     "tuner.config": json.dumps(self.config.to_dict(), ensure_ascii=False)})  # fmt: skip
+                     "tuner.config": json.dumps(self.config.public_dict(), ensure_ascii=False)})  # fmt: skip
         return meta
 
 

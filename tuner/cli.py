@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", default=None, help="create the repository as private")
     p.add_argument("--dry-run", action="store_true", help="write the exact upload folder and list it; upload nothing")
     p.add_argument("--endpoint", help="hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--base-model", metavar="ID",
+                   help="hub id (org/name) of the base when it was trained from a local folder or file; the card's "
+                        "base_model (default: hub.base_model of the run)")  # fmt: skip
     p.set_defaults(handler=cmd_publish)
 
     p = sub.add_parser("demo", help="personalize the built-in micro model from the example photos, and show it")

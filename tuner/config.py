@@ -272,6 +272,10 @@ class HubConfig(Section):
     """Create the repository as private."""
     license: str = "openrail++"
     """License in the model card."""
+    base_model: str | None = None
+    """Hub id of the base model (`org/name`) when it was trained from a local folder or single file: the model
+    card's `base_model` and usage snippets name it, and shared configs and file headers say it instead of the
+    local path (without it they say "a local model"). `tuner publish --base-model ID` sets it too."""
 
     @model_validator(mode="after")
     def _repo_for_push(self) -> HubConfig:
@@ -313,6 +317,13 @@ class RunConfig(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def public_dict(self) -> dict[str, Any]:
+        """`to_dict()` as it may be shared (file headers, the hub): local folders named relative to the run or by
+        their last component, a local base as `hub.base_model` or "a local model" (`tuner.public`)."""
+        from tuner.public import public_config
+
+        return public_config(self.to_dict())
 
 
 @functools.cache

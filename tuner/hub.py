@@ -3,7 +3,9 @@
 Reads the run folder (`artifact.json`, `config.json`, `grids/`, `metrics.json`) and changes nothing in it but
 `README.md`, whose text comes from `tuner.model_card`. Uploads go through `huggingface_hub` (imported lazily)
 to huggingface.co or any Hub-compatible server (`--endpoint` / `HF_ENDPOINT`). The token is scrubbed from
-every message, staged file and card.
+every message, staged file and card, and so are the training machine's paths (`tuner.public`): staged records and
+safetensors headers name folders relative to the run or by their last component, a local base as
+`hub.base_model` / `--base-model` or "a local model".
 """
 
 from __future__ import annotations
@@ -22,7 +24,18 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tuner.errors import TunerError
-from tuner.model_card import CARD_MARKER, render_card
+from tuner.model_card import CARD_MARKER, localize, render_card
+from tuner.public import (
+    copy_with_metadata,
+    is_hub_id,
+    private_paths,
+    public_base_model,
+    public_config,
+    public_metadata,
+    public_value,
+    read_header,
+    scrub_text,
+)
 from tuner.trainer import Artifact
 
 if TYPE_CHECKING:
@@ -146,13 +159,29 @@ def upload_selection(run_dir: str | Path) -> dict[str, Path]:
     return dict(sorted(chosen.items()))
 
 
-def build_model_card(run_dir: str | Path, repo_id: str | None = None) -> ModelCard:
-    """The hub card of a finished run; `repo_id` replaces the local path in the usage snippets."""
+def build_model_card(run_dir: str | Path, repo_id: str | None = None, base_model: str | None = None) -> ModelCard:
+    """The hub card of a finished run; `repo_id` replaces the local path in the usage snippets, `base_model` (else
+    `hub.base_model`) names a base that was trained from a local folder or file."""
     from huggingface_hub import ModelCard
 
     run_dir, artifact, config = _read_run(run_dir)
     repo_id = repo_id or config.get("hub", {}).get("repo_id")
-    return ModelCard(render_card(run_dir, artifact, config, upload_selection(run_dir), repo_id))
+    base_model = _base_model(config, base_model)
+    text = render_card(run_dir, artifact, config, upload_selection(run_dir), repo_id, base_model=base_model)
+    return ModelCard(scrub_text(text, _private(run_dir, artifact, config), run_dir))
+
+
+def _base_model(config: dict[str, Any], base_model: str | None) -> str | None:
+    base_model = base_model or (config.get("hub") or {}).get("base_model")
+    if base_model and not is_hub_id(base_model):
+        raise HubError(f"--base-model / hub.base_model = {base_model!r}: expected a hub id org/name")
+    return base_model
+
+
+def _private(run_dir: Path, artifact: Artifact, config: dict[str, Any]) -> list[str]:
+    """Absolute paths of this machine that the run names (its config, its base model, the run folder)."""
+    extra = {"base": artifact.base_model} if not is_hub_id(artifact.base_model) else {}
+    return private_paths({**config, "__artifact__": extra}, run_dir)
 
 
 def _user_card(run_dir: Path) -> str | None:
@@ -164,12 +193,15 @@ def _user_card(run_dir: Path) -> str | None:
     return None
 
 
-def write_model_card(run_dir: str | Path, repo_id: str | None = None, token: str | None = None) -> Path:
+def write_model_card(
+    run_dir: str | Path, repo_id: str | None = None, token: str | None = None, base_model: str | None = None
+) -> Path:
     """Write RUN_DIR/README.md (trainers call this at the end of training); a user-written card is kept."""
     run_dir = Path(run_dir)
     path = run_dir / "README.md"
     if _user_card(run_dir) is None:
-        path.write_text(_scrub(str(build_model_card(run_dir, repo_id)), token or _known_token()), encoding="utf-8")
+        card = str(build_model_card(run_dir, repo_id, base_model))
+        path.write_text(_scrub(card, token or _known_token()), encoding="utf-8")
     return path
 
 
@@ -201,37 +233,91 @@ def _known_token() -> str | None:
         return None
 
 
-def stage_upload(run_dir: str | Path, dest: str | Path, *, repo_id: str | None = None, token: str | None = None
-                 ) -> list[Path]:  # fmt: skip
+def public_run_record(
+    name: str, run_dir: Path, artifact: Artifact, config: dict[str, Any], repo_id: str | None, base_model: str | None
+) -> str | None:
+    """The shared text of `config.json` / `artifact.json`: local paths made public, a local base named by
+    `base_model` or "a local model", load lines pointing at the repo (or the run folder, "."). None for others."""
+    if name == "config.json" and config:
+        shared = public_config(config, run_dir, base_model)
+        if base_model and isinstance(shared.get("hub"), dict):
+            shared["hub"]["base_model"] = base_model
+        return json.dumps(shared, indent=2, ensure_ascii=False) + "\n"
+    if name == "artifact.json":
+        from dataclasses import asdict
+
+        record = asdict(artifact)
+        record["base_model"] = public_base_model(artifact.base_model, base_model)
+        for f in record["files"]:
+            f["load"] = localize(f["load"], run_dir, config, repo_id) if f.get("load") else f.get("load")
+        record["extra"] = public_value(record["extra"], run_dir)
+        return json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+    return None
+
+
+def _stage_safetensors(src: Path, out: Path, run_dir: Path, private: list[str]) -> None:
+    """Hard-link (or copy) a weights file; when its header names local paths, write a copy with them made
+    public (the tensor bytes, and so kohya's and ModelSpec's hashes, are unchanged)."""
+    try:
+        _, header = read_header(src)
+    except (OSError, ValueError, UnicodeDecodeError):
+        header = {}
+    metadata = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else None
+    shared = public_metadata(metadata, run_dir, private) if metadata else None
+    if shared is not None and shared != metadata:
+        copy_with_metadata(src, out, shared)
+        return
+    try:
+        os.link(src.resolve(), out)  # weights can be gigabytes; staged binaries are never modified
+    except OSError:
+        shutil.copyfile(src, out)
+
+
+def stage_upload(run_dir: str | Path, dest: str | Path, *, repo_id: str | None = None, token: str | None = None,
+                 base_model: str | None = None) -> list[Path]:  # fmt: skip
     """Write the exact folder that would be uploaded into `dest` (absent or empty) and return its files.
 
-    Also writes the card into RUN_DIR/README.md. A staged file holding the token is scrubbed (text) or refused.
+    Also writes the card into RUN_DIR/README.md. A staged file holding the token is scrubbed (text) or refused;
+    the training machine's paths are made public in text, run records and safetensors headers (`tuner.public`).
     """
     run_dir, dest = Path(run_dir), Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise HubError(f"staging folder {dest} is not empty; remove it or pick another")
     token = token or _known_token()
+    _, artifact, config = _read_run(run_dir)
+    base_model = _base_model(config, base_model)
+    private = _private(run_dir, artifact, config)
     files = upload_selection(run_dir)
     card = _user_card(run_dir)
     if card is None:
-        card = _scrub(str(build_model_card(run_dir, repo_id)), token)
+        card = _scrub(str(build_model_card(run_dir, repo_id, base_model)), token)
         (run_dir / "README.md").write_text(card, encoding="utf-8")
     written = []
     for rel, src in {"README.md": None, **files}.items():
         out = dest / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         if src is None:
-            out.write_text(_scrub(card, token), encoding="utf-8")
+            out.write_text(_scrub(scrub_text(card, private, run_dir), token), encoding="utf-8")
         elif src.suffix.lower() in TEXT_SUFFIXES:
-            data = src.read_bytes()
+            record = public_run_record(rel, run_dir, artifact, config, repo_id, base_model)
+            text = record if record is not None else src.read_text(encoding="utf-8", errors="surrogateescape")
+            data = scrub_text(text, private, run_dir).encode("utf-8", errors="surrogateescape")
             out.write_bytes(data.replace(token.encode(), b"***") if token else data)
         else:
             if token and _contains(src, token.encode()):
                 raise HubError(f"refusing to publish: {rel} contains your hub token; remove it from the file")
-            try:
-                os.link(src.resolve(), out)  # weights can be gigabytes; staged binaries are never modified
-            except OSError:
-                shutil.copyfile(src, out)
+            if src.suffix.lower() == ".safetensors":
+                _stage_safetensors(src, out, run_dir, private)
+            else:
+                for path in private:
+                    if _contains(src, path.encode()):
+                        raise HubError(
+                            f"refusing to publish: {rel} contains the local path {path}; remove it from the file"
+                        )
+                try:
+                    os.link(src.resolve(), out)
+                except OSError:
+                    shutil.copyfile(src, out)
         written.append(out)
     return written
 
@@ -349,12 +435,14 @@ def publish(
     retries: int = 4,
     backoff: float = 1.0,
     max_delay: float = 30.0,
+    base_model: str | None = None,
     out: Callable[[str], None] = print,
 ) -> PublishResult:
     """Stage the run into RUN_DIR/.hub-upload, create the repo if needed, and upload that folder in one commit.
 
     Transient failures (connection errors, timeouts, 429/5xx) are retried `retries` times, waiting
     `backoff * 2**i` seconds (at most `max_delay`). The run folder is never modified beyond README.md.
+    `base_model` (else `hub.base_model`) is the hub id of a base that was trained from a local folder or file.
     """
     run_dir, retries = Path(run_dir), max(0, retries)
     _read_run(run_dir)
@@ -363,7 +451,10 @@ def publish(
     token = _resolve_token(token) if not dry_run else (token or _known_token())
     staged = run_dir / STAGING_DIR
     shutil.rmtree(staged, ignore_errors=True)
-    files = [p.relative_to(staged).as_posix() for p in stage_upload(run_dir, staged, repo_id=repo_id, token=token)]
+    files = [
+        p.relative_to(staged).as_posix()
+        for p in stage_upload(run_dir, staged, repo_id=repo_id, token=token, base_model=base_model)
+    ]
     result = PublishResult(repo_id=repo_id, staged_dir=staged, files=files, dry_run=dry_run)
     if dry_run:
         visibility = "private" if private else "public"
@@ -406,5 +497,8 @@ def run(args: argparse.Namespace) -> int:
     if not repo_id:
         raise HubError("no repository: pass --repo-id user/name (or set hub.repo_id in the config)")
     private = bool(hub.get("private", False)) if args.private is None else args.private
-    publish(args.run_dir, repo_id, private=private, endpoint=args.endpoint, dry_run=args.dry_run)
+    base_model = getattr(args, "base_model", None)
+    publish(
+        args.run_dir, repo_id, private=private, endpoint=args.endpoint, dry_run=args.dry_run, base_model=base_model
+    )
     return 0

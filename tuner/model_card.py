@@ -1,7 +1,9 @@
 """The text of a run's model card: hub metadata (YAML) and a body that says what the artifact is and how to use it.
 
 Pure rendering from `artifact.json`, `config.json`, `metrics.json` and the list of files that will be uploaded;
-`tuner.hub` decides what is uploaded and writes the card.
+`tuner.hub` decides what is uploaded and writes the card. The card never names a path of the training machine: a
+local base (a folder, a single file, `builtin:...`) is "a local model" unless `hub.base_model` names its hub id, and
+the usage snippets load from the repo (or, before publishing, from the run folder by its name).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.models import BUILTIN_PREFIX
+from tuner.public import LOCAL_MODEL, is_hub_id, public_base_model, public_value
 from tuner.trainer import Artifact
 
 logger = logging.getLogger(__name__)
@@ -23,7 +26,10 @@ METHOD_TAGS = {"lora": ["lora", "template:sd-lora"], "dreambooth": ["dreambooth"
 FAMILY_TAGS = {"sd1": ["stable-diffusion", "stable-diffusion-diffusers"],
                "sd2": ["stable-diffusion", "stable-diffusion-diffusers"],
                "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]}  # fmt: skip
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+                "sd3": "Stable Diffusion 3", "flux": "FLUX.1"}  # fmt: skip
+FLOW_FAMILIES = frozenset({"sd3", "flux"})
+BF16_FAMILIES = frozenset({"sd3", "flux"})
 METHOD_NAMES = {"lora": "LoRA adapter", "dreambooth": "DreamBooth fine-tune",
                 "textual_inversion": "textual-inversion embedding", "decoder": "fine-tuned VAE decoder"}  # fmt: skip
 # (file-format marker, (A1111/Forge folder, ComfyUI folder)); the first marker found in a file's format wins.
@@ -38,14 +44,29 @@ def webui_folders(file_format: str) -> tuple[str, str]:
     return next(folders for marker, folders in WEBUI_FOLDERS if marker in file_format.lower())
 
 
-def _is_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not Path(value).exists()
+def _method_prompts(config: dict[str, Any]) -> list[str]:
+    """The prompts the run's trainer renders when `validation.prompts` is empty (captions, instance prompt...)."""
+    try:
+        from tuner.config import RunConfig
+        from tuner.registry import get_trainer
+
+        method = config["method"]
+        run_config = RunConfig.for_method(method).model_validate(config)
+        return [p for p in get_trainer(method)(run_config).validation_prompts() if p and p.strip()]
+    except Exception as exc:  # noqa: BLE001 - an old or foreign config only costs the method's defaults
+        logger.debug("no method prompts for the card: %s", exc)
+        return []
 
 
 def _prompts(config: dict[str, Any], artifact: Artifact) -> list[str]:
+    """Real prompts, never empty: `validation.prompts`, else what the trainer validated with, else the instance
+    prompt, else the trigger in a sentence."""
     token = config.get("data", {}).get("token") or artifact.trigger or ""
     prompts = [p.replace("{token}", token) for p in config.get("validation", {}).get("prompts", [])]
-    return prompts or [p for p in (artifact.instance_prompt, artifact.trigger) if p] or [" "]
+    prompts = [p for p in prompts if p.strip()] or _method_prompts(config)
+    instance = artifact.instance_prompt or config.get("data", {}).get("instance_prompt")
+    trigger = f"a photo of {artifact.trigger}" if artifact.trigger else None
+    return prompts or [p for p in (instance, trigger) if p and p.strip()] or ["a photo"]
 
 
 def _card_images(files: dict[str, Path]) -> list[str]:
@@ -64,17 +85,25 @@ WEIGHT_NAME_LOADERS = ("load_lora_weights", "load_textual_inversion")
 WEBUI_TOOLS = ("a1111", "forge", "comfyui", "kohya", "lycoris", "invoke")
 
 
-def _localize(line: str, run_dir: Path, config: dict[str, Any], repo_id: str) -> str:
+def localize(line: str, run_dir: Path, config: dict[str, Any], repo_id: str | None) -> str:
     """Load lines name the local run folder; on the hub they name the repo, the way each loader takes it.
 
     diffusers LoRA/embedding loaders get `weight_name`/`subfolder`, component `from_pretrained` gets
     `subfolder`, and any other file or folder is fetched with `hf_hub_download` / `snapshot_download`.
+    Without a repo the run folder is named by its own name (a path relative to the folder that holds it).
     """
     roots = {str(run_dir.resolve()), str(run_dir), config.get("train", {}).get("output_dir") or "", "{repo}"}
     roots_re = "|".join(re.escape(r) for r in sorted(roots - {"", "."}, key=len, reverse=True))
     quoted = re.compile(rf"(?:(?P<call>[\w.]+)\(\s*)?(?P<q>[\"'])(?:{roots_re})(?:/(?P<rest>[^\"']*?))?/?(?P=q)")
 
+    def relative(m: re.Match[str]) -> str:
+        rest = (m["rest"] or "").strip("/")
+        head = f"{m['call']}(" if m["call"] else ""
+        return head + json.dumps("/".join(p for p in (run_dir.resolve().name or ".", rest) if p))
+
     def rewrite(m: re.Match[str]) -> str:
+        if repo_id is None:
+            return relative(m)
         call, rest, repo = m["call"] or "", (m["rest"] or "").strip("/"), json.dumps(repo_id)
         head, fn = (f"{call}(", call.rsplit(".", 1)[-1]) if call else ("", "")
         folder, _, file = rest.rpartition("/")
@@ -95,64 +124,115 @@ def _localize(line: str, run_dir: Path, config: dict[str, Any], repo_id: str) ->
     return quoted.sub(rewrite, line)
 
 
-def _snippet(load: str, base: str, prompt: str) -> str:
-    """A runnable example: build or load `pipe`, apply the artifact, render the first validation prompt."""
+BASE_PLACEHOLDER = "path/to/the-base-model"
+
+
+def _snippet(load: str, base: str | None, prompt: str, family: str = "") -> str:
+    """A runnable example on CPU or GPU (chosen when it runs): build or load `pipe`, apply the artifact, render a
+    real prompt. `base` is the base's hub id; None (a local model nobody named) leaves a marked placeholder."""
     load = load.replace("; ", "\n")
     assigned = re.match(r"\s*(\w+)\s*=", load)
-    # A built-in base (`builtin:micro`) is a folder inside the tuner package, not a hub id.
-    name = base.removeprefix(BUILTIN_PREFIX)
-    where = f"builtin_model_path({json.dumps(name)})" if base.startswith(BUILTIN_PREFIX) else json.dumps(base)
+    half = "torch.bfloat16" if family in BF16_FAMILIES else "torch.float16"
+    head = ['device = "cuda" if torch.cuda.is_available() else "cpu"',
+            f'dtype = {half} if device == "cuda" else torch.float32']  # fmt: skip
+    where = "base" if base is None else json.dumps(base)
+    # Whatever local base the load line names (a folder, `builtin:...`) is the base of this card.
+    load = re.sub(r"([\"'])(?:/|~|builtin:)[^\"']*\1", lambda m: where, load)
     auto = f"AutoPipelineForText2Image.from_pretrained({where}"
     if re.search(r"^\s*pipe\s*=", load, re.M):
-        body = [load, 'pipe = pipe.to("cuda")']
+        body = [load, "pipe = pipe.to(device)"]
     elif assigned and "pipe." not in load:  # a component (vae, unet) the pipeline is built around
         var = assigned.group(1)
-        body = [load, f'pipe = {auto}, {var}={var}.to(torch.float16), torch_dtype=torch.float16).to("cuda")']
+        body = [load, f"pipe = {auto}, {var}={var}.to(dtype), torch_dtype=dtype).to(device)"]
     else:
-        body = [f'pipe = {auto}, torch_dtype=torch.float16).to("cuda")', load]
+        body = [f"pipe = {auto}, torch_dtype=dtype).to(device)", load]
+    if base is None and any(re.search(r"\bbase\b", line) for line in body):
+        head.insert(0, f"base = {json.dumps(BASE_PLACEHOLDER)}  # trained from a local model: its folder or hub id")
     body.append(f"image = pipe({json.dumps(prompt)}).images[0]")
-    code = "\n".join(body)
+    code = "\n".join([*head, *body])
     imports = [f"import {m}" for m in ("torch", "safetensors.torch") if f"{m}." in code]
     hub = [name for name in ("hf_hub_download", "snapshot_download") if f"{name}(" in code]
     imports += [f"from huggingface_hub import {', '.join(hub)}"] if hub else []
     classes = sorted(set(re.findall(r"\b([A-Z]\w+)\.from_\w+\(", code)))
     imports += [f"from diffusers import {', '.join(classes)}"] if classes else []
-    imports += ["from tuner.models import builtin_model_path"] if "builtin_model_path(" in code else []
     return "\n".join([*imports, "", code])
 
 
-def _details(config: dict[str, Any], artifact: Artifact) -> list[tuple[str, Any]]:
+# Method fields that mean nothing unless a switch of the same table is on: (switch, fields).
+INACTIVE_FIELDS = {
+    "dreambooth": (("lora", ("rank", "alpha")), ("train_text_encoder", ("text_encoder_steps",))),
+    "textual_inversion": (("pivotal", ("pivotal_ti_steps", "pivotal_embedding_mode", "pivotal_embedding_lr_scale")),),
+    "lora": (("train_text_encoder", ("text_encoder_target_modules",)),),
+}
+NESTED_TABLE_SWITCH = {"textual_inversion": "pivotal"}  # a nested table (textual_inversion.lora) is used when on
+
+
+def _method_rows(method: str, table: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The run's own method table only: fields its switches leave unused are left out, nested tables shown
+    (flattened) only when the method uses them."""
+    inactive = {f for switch, fields in INACTIVE_FIELDS.get(method, ()) if not table.get(switch) for f in fields}
+    rows: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        if key in inactive or value in ({}, None, []):
+            continue
+        if isinstance(value, dict):
+            if table.get(NESTED_TABLE_SWITCH.get(method, ""), False):
+                nested = _method_rows(key, value)
+                rows += [(f"{key}.{k}", v) for k, v in nested if not isinstance(v, dict)]
+            continue
+        rows.append((key, value))
+    return [(f"{method}.{k}", v) for k, v in rows]
+
+
+def _trains_text_encoder(table: dict[str, Any]) -> bool:
+    return bool(table.get("train_text_encoder")) or any(
+        isinstance(v, dict) and _trains_text_encoder(v) for v in table.values()
+    )
+
+
+def _details(config: dict[str, Any], artifact: Artifact, base: str | None = None) -> list[tuple[str, Any]]:
+    """Settings of the shared tables that applied to this run, then the run's own method table."""
     train, opt, data = config.get("train", {}), config.get("optimizer", {}), config.get("data", {})
+    method_table = config.get(artifact.method, {})
+    method_table = method_table if isinstance(method_table, dict) else {}
+    flow = artifact.family in FLOW_FAMILIES
     rows: list[tuple[str, Any]] = [
         ("method", artifact.method),
-        ("base model", artifact.base_model),
+        ("base model", base or public_base_model(artifact.base_model)),
         ("steps", train.get("max_train_steps")),
         ("batch size", train.get("train_batch_size")),
         ("gradient accumulation", train.get("gradient_accumulation_steps")),
         ("learning rate", opt.get("learning_rate")),
-        ("text encoder lr", opt.get("text_encoder_lr")),
-        ("embedding lr", opt.get("embedding_lr")),
+        ("text encoder lr", opt.get("text_encoder_lr") if _trains_text_encoder(method_table) else None),
+        ("embedding lr", opt.get("embedding_lr") if artifact.method == "textual_inversion" else None),
         ("optimizer", opt.get("name")),
         ("lr schedule", opt.get("lr_scheduler")),
         ("warmup steps", opt.get("lr_warmup_steps")),
         ("mixed precision", train.get("mixed_precision")),
         ("resolution", data.get("resolution")),
         ("prior preservation", data.get("with_prior_preservation") or None),
-        ("min-SNR gamma", train.get("snr_gamma")),
+        ("min-SNR gamma", None if flow else train.get("snr_gamma")),
+        ("timestep sampling", _timestep_sampling(train)),
         (
-            "timestep sampling",
-            None
-            if train.get("timestep_sampling", "uniform") == "uniform"
-            else f"logit-normal ({train.get('timestep_mean')}, {train.get('timestep_std')})",
+            "loss weighting",
+            train.get("weighting_scheme") if flow and train.get("weighting_scheme") != "none" else None,
         ),
-        ("noise offset", train.get("noise_offset") or None),
+        ("flow shift", train.get("flow_shift") if flow else None),
+        ("noise offset", None if flow else train.get("noise_offset") or None),
         ("EMA", train.get("use_ema") or None),
         ("seed", train.get("seed")),
     ]
-    method_table = config.get(artifact.method, {})
-    if isinstance(method_table, dict):
-        rows += [(f"{artifact.method}.{k}", v) for k, v in method_table.items() if not isinstance(v, dict)]
-    return [(k, v) for k, v in rows if v is not None and v != []]
+    rows += _method_rows(artifact.method, method_table)
+    return [(k, public_value(v)) for k, v in rows if v is not None and v != []]
+
+
+def _timestep_sampling(train: dict[str, Any]) -> str | None:
+    kind = train.get("timestep_sampling", "uniform")
+    if kind == "logit_normal":
+        return f"logit-normal ({train.get('timestep_mean')}, {train.get('timestep_std')})"
+    if kind == "mode":
+        return f"mode (scale {train.get('mode_scale')})"
+    return None
 
 
 def _table(rows: list[tuple[str, Any]], head: tuple[str, str]) -> str:
@@ -170,12 +250,18 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def render_card(
-    run_dir: Path, artifact: Artifact, config: dict[str, Any], files: dict[str, Path], repo_id: str | None
+    run_dir: Path,
+    artifact: Artifact,
+    config: dict[str, Any],
+    files: dict[str, Path],
+    repo_id: str | None,
+    base_model: str | None = None,
 ) -> str:
     """README.md text: YAML the hub indexes (tags, widget, trigger) and a body a user can act on.
 
     `files` are the repo paths that will be uploaded (widget images must be among them); with a `repo_id` the
-    usage snippets load from the repo, without one from the local run folder as written in artifact.json.
+    usage snippets load from the repo, without one from the run folder by its name. `base_model` (else
+    `hub.base_model`) is the hub id of a base trained from a local folder or file.
     """
     from huggingface_hub import ModelCardData
 
@@ -186,8 +272,10 @@ def render_card(
     tags += FAMILY_TAGS.get(artifact.family, [])
     prompts, images = _prompts(config, artifact), _card_images(files)
     instance = artifact.instance_prompt or config.get("data", {}).get("instance_prompt") or artifact.trigger
+    hub_base = base_model or config.get("hub", {}).get("base_model")
+    base = hub_base or (artifact.base_model if is_hub_id(artifact.base_model) else None)
     data = ModelCardData(
-        base_model=artifact.base_model if _is_hub_id(artifact.base_model) else None,
+        base_model=base,
         library_name="diffusers",
         license=license_,
         tags=tags,
@@ -204,7 +292,15 @@ def render_card(
         "<Gallery />",
         "",
     ]
-    body += [f"A {what} for `{artifact.base_model}` ({family}), trained with tuner ({artifact.method}).", ""]
+    if base:
+        body += [f"A {what} for `{base}` ({family}), trained with tuner ({artifact.method}).", ""]
+    else:
+        builtin = artifact.base_model.startswith(BUILTIN_PREFIX)
+        which = f"tuner's built-in `{artifact.base_model}` model" if builtin else "a local folder or file"
+        body += [f"A {what} for {LOCAL_MODEL} ({family}), trained with tuner ({artifact.method}).", ""]
+        body += [f"The base model was {which}, so this card does not name it. If it is on the hub, name it with "
+                 "`tuner publish RUN_DIR --base-model org/name` (or `base_model` in the run's `[hub]` table): the "
+                 "card's `base_model` and the snippets below then use it.", ""]  # fmt: skip
     if artifact.trigger or instance:
         body += ["## Trigger words", ""]
         body += [f"Use `{artifact.trigger}` in your prompts.", ""] if artifact.trigger else []
@@ -213,8 +309,8 @@ def render_card(
     if loadable:
         body += ["## Use with diffusers", ""]
         for f in loadable:
-            load = _localize(f.load, run_dir, config, repo_id) if repo_id else f.load
-            code = _snippet(load, artifact.base_model, prompts[0])
+            load = localize(f.load, run_dir, config, repo_id)
+            code = _snippet(load, base, prompts[0], artifact.family)
             body += [f"`{f.path}` ({f.format}):", "", "```py", code, "```", ""]
     webui = [f for f in artifact.files if any(t.lower().startswith(WEBUI_TOOLS) for t in f.tools)]
     if webui:
@@ -231,7 +327,7 @@ def render_card(
     if images:
         body += ["## Validation", "", f"![validation grid]({images[0]})", ""]
         body += ["Prompts: " + "; ".join(f"`{p}`" for p in prompts), ""]
-    details = _details(config, artifact)
+    details = _details(config, artifact, base)
     if details:
         body += ["## Training details", "", _table(details, ("setting", "value")), ""]
     metrics_path = run_dir / "metrics.json"

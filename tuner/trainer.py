@@ -65,8 +65,13 @@ class Artifact:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def write(self, out_dir: str | Path) -> Path:
+        """Write `artifact.json`, and give every listed file the user's normal mode (some writers, such as
+        safetensors' atomic save, leave 0600, which a ComfyUI or web server running as another user cannot read)."""
+        from tuner.public import normal_mode
+
         path = Path(out_dir) / "artifact.json"
         path.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        normal_mode(*(Path(out_dir) / f.path for f in self.files if not Path(f.path).is_absolute()), path)
         return path
 
     @classmethod

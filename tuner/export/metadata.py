@@ -131,11 +131,17 @@ def sd_version_metadata(family: Family, prediction_type: str) -> dict[str, str]:
 
 
 def training_metadata(config: Any, output_name: str) -> dict[str, str]:
-    """`ss_*` training keys from a resolved `RunConfig` (what A1111's metadata viewer shows)."""
+    """`ss_*` training keys from a resolved `RunConfig` (what A1111's metadata viewer shows).
+
+    The base is named as it may be shared: `hub.base_model` or a hub id, never a local path ("a local model").
+    """
+    from tuner.public import public_base_model
+
     opt, train, data = config.optimizer, config.train, config.data
+    hub_base = getattr(getattr(config, "hub", None), "base_model", None)
     values: dict[str, Any] = {
         "ss_output_name": output_name,
-        "ss_sd_model_name": config.model.pretrained_model_name_or_path,
+        "ss_sd_model_name": public_base_model(config.model.pretrained_model_name_or_path, hub_base),
         "ss_training_finished_at": time.time(),
         "ss_learning_rate": opt.learning_rate,
         "ss_unet_lr": opt.learning_rate,
