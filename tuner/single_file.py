@@ -1,0 +1,694 @@
+"""Single-file (A1111 / Forge / ComfyUI) SD1.x, SD2.x and SDXL checkpoints: recognize, load and write them.
+
+Reading: a `.safetensors` checkpoint is recognized by its key names (`model.diffusion_model.*` UNet,
+`first_stage_model.*` VAE, `cond_stage_model.transformer.*` CLIP for SD1, `cond_stage_model.model.*` OpenCLIP
+for SD2, `conditioner.embedders.{0,1}.*` for SDXL) without loading a tensor, then converted once, through
+diffusers' `from_single_file` loaders, into a diffusers folder cached under `~/.cache/tuner/single-file/`
+(keyed by the file's sha256), so every later reload by path (export checks, validation, class images) reads
+an ordinary folder. Component configs come from the `tuner.diffusers_config` metadata the suite writes into
+its own checkpoints, else from the standard configs of the recognized family built in code below. Tokenizers
+are not inside a checkpoint: they come from `model.tokenizer_from` (a diffusers folder or a cached hub id),
+else the Hugging Face cache, else a TunerError says how to provide one. Pickles are refused.
+
+Writing: `save_checkpoint` renames a diffusers UNet, VAE and text encoders to the original LDM / SGM key
+names (the exact inverse of diffusers' converters) and `check_checkpoint` loads the file back through
+`UNet2DConditionModel.from_single_file` and compares outputs with the trained UNet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuner.errors import TunerError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+CONFIG_KEY = "tuner.diffusers_config"
+"""safetensors metadata key holding the diffusers configs of the components (written by the suite)."""
+ROUND_TRIP_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+"""Largest |difference| of UNet outputs between the trained UNet and the reloaded file, relative to the
+largest |output|: exact up to kernel noise in fp32, and the rounding of the stored dtype otherwise."""
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
+OPEN_CLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
+PIPELINE_CLASS = {
+    "sd1": "StableDiffusionPipeline",
+    "sd2": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+}
+
+# Where the CLIP tokenizers of each family may sit in the Hugging Face cache: (repo id, subfolder).
+CACHED_TOKENIZERS: dict[str, list[list[tuple[str, str]]]] = {
+    "sd1": [[("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"), ("runwayml/stable-diffusion-v1-5",
+             "tokenizer"), ("CompVis/stable-diffusion-v1-4", "tokenizer"), ("openai/clip-vit-large-patch14", "")]],
+    "sd2": [[("stabilityai/stable-diffusion-2-1", "tokenizer"), ("stabilityai/stable-diffusion-2", "tokenizer"),
+             ("stabilityai/stable-diffusion-2-1-base", "tokenizer"), ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "")]],
+    "sdxl": [[("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"), ("openai/clip-vit-large-patch14", "")],
+             [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),
+              ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "")]],
+}  # fmt: skip
+TOKENIZER_HINT = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+
+def is_single_file(name_or_path: str) -> bool:
+    """Whether `name_or_path` names a checkpoint file (by suffix, existing or not), not a folder or a hub id."""
+    suffix = Path(str(name_or_path)).suffix.lower()
+    return suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES and not Path(name_or_path).is_dir()
+
+
+def check_file(path: str | Path) -> Path:
+    """The checkpoint path, after refusing a missing file and a pickle."""
+    path = Path(path).expanduser()
+    flag = "model.pretrained_model_name_or_path"
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise TunerError(
+            f"{flag} = {str(path)!r}: refusing a pickle checkpoint ({path.suffix}); unpickling can run arbitrary "
+            "code. Use the model's .safetensors release, or convert this file to .safetensors with a tool you trust"
+        )
+    if not path.is_file():
+        raise TunerError(f"{flag} = {str(path)!r}: file not found")
+    return path
+
+
+# --- reading the header -------------------------------------------------------------------------------------
+@dataclass
+class Header:
+    """Key names, shapes and metadata of a safetensors file, read without loading any tensor."""
+
+    shapes: dict[str, list[int]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def width(self, key: str, dim: int = -1) -> int | None:
+        shape = self.shapes.get(key)
+        return shape[dim] if shape else None
+
+
+def read_header(path: str | Path) -> Header:
+    path = check_file(path)
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                raise ValueError("header too large")
+            raw = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as exc:
+        raise TunerError(f"model {str(path)!r}: not a readable safetensors file ({exc})") from None
+    metadata = raw.pop("__metadata__", None) or {}
+    return Header({k: list(v.get("shape", [])) for k, v in raw.items()}, metadata)
+
+
+@dataclass
+class Recognized:
+    """What a checkpoint is: family, prediction type, and the diffusers configs of its components."""
+
+    family: str
+    prediction_type: str
+    configs: dict[str, Any]
+    from_metadata: bool
+
+
+def recognize(path: str | Path) -> Recognized:
+    """Family (`sd1`/`sd2`/`sdxl`) and prediction type of a checkpoint, by its keys and metadata."""
+    header = read_header(path)
+    keys = header.shapes
+    family = _family_of(path, header)
+    configs = None
+    if CONFIG_KEY in header.metadata:
+        try:
+            configs = json.loads(header.metadata[CONFIG_KEY])
+        except ValueError:
+            log.warning("warning: %s: unreadable %s metadata; using the standard %s configs", path, CONFIG_KEY, family)
+    from_metadata = configs is not None
+    spec = header.metadata.get("modelspec.prediction_type", "")
+    if from_metadata:
+        prediction = configs["scheduler"].get("prediction_type", "epsilon")
+    elif spec in ("v", "v_prediction") or "v_pred" in keys:
+        prediction = "v_prediction"
+    elif spec == "epsilon" or family != "sd2":
+        prediction = "epsilon"
+    else:
+        prediction = "v_prediction"
+        log.warning(
+            "warning: %s: an SD2 checkpoint that does not say its prediction type; assuming v-prediction "
+            "(the 768 px SD 2.x models). A 512 px SD 2.x base is epsilon: convert it with diffusers instead",
+            path,
+        )
+    if configs is None:
+        configs = standard_configs(family, prediction)
+        in_channels = header.width(UNET_PREFIX + "input_blocks.0.0.weight", 1)
+        if in_channels != configs["unet"]["in_channels"]:
+            raise TunerError(
+                f"model {str(path)!r}: a {family} UNet with {in_channels} input channels (an inpainting or other "
+                f"variant model); only the standard {configs['unet']['in_channels']}-channel base can be trained"
+            )
+    return Recognized(family, prediction, configs, from_metadata)
+
+
+def _family_of(path: str | Path, header: Header) -> str:
+    keys = header.shapes
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    transformer = any(k.startswith(p) for k in keys for p in ("joint_blocks.", "double_blocks.",
+                      UNET_PREFIX + "joint_blocks.", UNET_PREFIX + "double_blocks."))  # fmt: skip
+    if transformer:
+        raise TunerError(
+            f"model {str(path)!r}: an SD3/FLUX.1 single-file checkpoint; the suite reads only SD1.x/SD2.x/SDXL "
+            "single files. Use the model's diffusers folder (or its hub id) as the base"
+        )
+    if not has(UNET_PREFIX + "input_blocks."):
+        raise TunerError(f"model {str(path)!r}: no SD1.x/SD2.x/SDXL checkpoint recognized; found {_found(keys)}")
+    if has(CLIP_PREFIX["sdxl"]) and has(OPEN_CLIP_PREFIX["sdxl"]):
+        family = "sdxl"
+    elif has("conditioner.embedders.0.model."):
+        raise TunerError(f"model {str(path)!r}: an SDXL refiner checkpoint; train on an SDXL base instead")
+    elif has(OPEN_CLIP_PREFIX["sd2"]):
+        family = "sd2"
+    elif has(CLIP_PREFIX["sd1"]):
+        family = "sd1"
+    else:
+        raise TunerError(
+            f"model {str(path)!r}: a UNet without a text encoder the suite knows (CLIP under "
+            f"'cond_stage_model.transformer.', OpenCLIP under 'cond_stage_model.model.' or SDXL's "
+            f"'conditioner.embedders.'); found {_found(keys)}"
+        )
+    if not has(VAE_PREFIX):
+        raise TunerError(
+            f"model {str(path)!r}: a {family} checkpoint without its VAE ('first_stage_model.*'); use a full "
+            "checkpoint (UNet, VAE and text encoders)"
+        )
+    return family
+
+
+def _found(keys: dict[str, Any]) -> str:
+    groups: dict[str, int] = {}
+    for key in keys:
+        head = ".".join(key.split(".")[:2]) if key.count(".") >= 2 else key.split(".")[0]
+        groups[head] = groups.get(head, 0) + 1
+    top = sorted(groups.items(), key=lambda kv: -kv[1])[:6]
+    return f"{len(keys)} tensors, " + ", ".join(f"{n} under '{h}'" for h, n in top) if keys else "no tensors"
+
+
+# --- standard configs of the families (used when the file carries none) ---------------------------------------
+_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def standard_configs(family: str, prediction: str) -> dict[str, Any]:
+    """The diffusers configs of the released SD 1.5, SD 2.1 and SDXL 1.0 base models."""
+    clip_l = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+              "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # fmt: skip
+    vae = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+           "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+           "sample_size": 512, "scaling_factor": 0.18215}  # fmt: skip
+    unet = {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "norm_num_groups": 32, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "block_out_channels": [320, 640, 1280, 1280]}  # fmt: skip
+    if family == "sd1":
+        unet.update(sample_size=64, attention_head_dim=8, cross_attention_dim=768)
+        scheduler = {"_class_name": "PNDMScheduler", **_BETAS, "skip_prk_steps": True, "steps_offset": 1,
+                     "set_alpha_to_one": False, "clip_sample": False}  # fmt: skip
+        return {"_class_name": PIPELINE_CLASS[family], "unet": unet, "vae": vae, "text_encoder": clip_l,
+                "scheduler": {**scheduler, "prediction_type": prediction}}  # fmt: skip
+    if family == "sd2":
+        size = 96 if prediction == "v_prediction" else 64
+        unet.update(sample_size=size, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                    use_linear_projection=True)  # fmt: skip
+        open_clip_h = {**clip_l, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                       "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512}  # fmt: skip
+        scheduler = {"_class_name": "DDIMScheduler", **_BETAS, "steps_offset": 1, "set_alpha_to_one": False,
+                     "clip_sample": False, "prediction_type": prediction}  # fmt: skip
+        return {"_class_name": PIPELINE_CLASS[family], "unet": unet, "vae": {**vae, "sample_size": size * 8},
+                "text_encoder": open_clip_h, "scheduler": scheduler}  # fmt: skip
+    unet.update(sample_size=128, attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)  # fmt: skip
+    big_g = {**clip_l, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+             "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}  # fmt: skip
+    scheduler = {"_class_name": "EulerDiscreteScheduler", **_BETAS, "steps_offset": 1, "timestep_spacing": "leading",
+                 "interpolation_type": "linear", "prediction_type": prediction}  # fmt: skip
+    return {"_class_name": PIPELINE_CLASS[family], "unet": unet,
+            "vae": {**vae, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+            "text_encoder": clip_l, "text_encoder_2": big_g, "scheduler": scheduler}  # fmt: skip
+
+
+# --- loading as a base ---------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("TUNER_SINGLE_FILE_CACHE", base / "tuner" / "single-file"))
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of the file (memoized by path, size and mtime within the process)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def converted_folder(path: str | Path) -> Path:
+    """Where the diffusers conversion of the checkpoint lives (whether or not it exists yet)."""
+    path = check_file(path)
+    return cache_root() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', path.stem)[:60]}-{file_hash(path)[:16]}"
+
+
+def cached_conversion(path: str | Path) -> Path | None:
+    folder = converted_folder(path)
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def convert(path: str | Path, tokenizer_from: str | None = None) -> Path:
+    """The checkpoint as a diffusers folder: the cached conversion, or a new one made through diffusers'
+    `from_single_file`. A `tokenizer_from` other than the one a cached conversion used converts again."""
+    path = check_file(path)
+    folder = converted_folder(path)
+    info_file = folder / "tuner-single-file.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        if tokenizer_from is None or info.get("tokenizer_from") == _tokenizer_key(tokenizer_from):
+            return folder
+    pipe = load_pipeline(path, tokenizer_from)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        info = {
+            "source": str(path.resolve()),
+            "sha256": file_hash(path),
+            "tokenizer_from": _tokenizer_key(tokenizer_from),
+        }
+        (tmp / "tuner-single-file.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s into the diffusers folder %s", path, folder)
+    return folder
+
+
+def _tokenizer_key(tokenizer_from: str | None) -> str | None:
+    if tokenizer_from is None:
+        return None
+    local = Path(tokenizer_from).expanduser()
+    return str(local.resolve()) if local.exists() else tokenizer_from
+
+
+def load_pipeline(path: str | Path, tokenizer_from: str | None = None, torch_dtype: torch.dtype = torch.float32):
+    """A stock diffusers pipeline (`StableDiffusionPipeline` / `StableDiffusionXLPipeline`) of the checkpoint,
+    loaded offline through diffusers' `from_single_file` with configs from the file or built in code."""
+    import diffusers
+
+    path = check_file(path)
+    found = recognize(path)
+    configs = found.configs
+    encoder_names = ["text_encoder", "text_encoder_2"] if found.family == "sdxl" else ["text_encoder"]
+    tokenizers = find_tokenizers(path, found.family, tokenizer_from)
+    from safetensors import safe_open
+
+    prefixes = (*CLIP_PREFIX.values(), *OPEN_CLIP_PREFIX.values())
+    with safe_open(str(path), framework="pt") as f:  # only the text encoders' tensors: the rest is diffusers'
+        checkpoint = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}  # noqa: SIM118
+    encoders = _text_encoders(path, found, checkpoint)
+    del checkpoint
+    for name, tokenizer, encoder in zip(encoder_names, tokenizers, encoders):
+        rows = encoder.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            raise TunerError(
+                f"model {str(path)!r}: the {name} tokenizer from {tokenizer_from or 'the Hugging Face cache'} has "
+                f"{len(tokenizer)} tokens but the checkpoint's {name} embeds {rows}; set model.tokenizer_from to a "
+                f"diffusers folder of the same {found.family} model"
+            )
+    scheduler_config = dict(configs["scheduler"])
+    scheduler_cls = getattr(diffusers, scheduler_config.pop("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    scheduler = scheduler_cls.from_config(scheduler_config)
+    extra: dict[str, Any] = {"scheduler": scheduler}
+    for name, tokenizer, encoder in zip(encoder_names, tokenizers, encoders):
+        extra[name] = encoder
+        extra[name.replace("text_encoder", "tokenizer")] = tokenizer
+    if found.family != "sdxl":
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with tempfile.TemporaryDirectory(prefix="tuner-single-file-config-") as config_dir:
+        _write_config_folder(Path(config_dir), configs)
+        pipeline_cls = getattr(diffusers, PIPELINE_CLASS[found.family])
+        try:
+            pipe = pipeline_cls.from_single_file(
+                str(path), config=config_dir, local_files_only=True, torch_dtype=torch_dtype, **extra
+            )
+        except TunerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a file that does not fit its configs is one clear message
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            where = "its tuner.diffusers_config metadata" if found.from_metadata else f"the standard {found.family}"
+            raise TunerError(
+                f"model {str(path)!r}: diffusers could not load it as a {found.family} checkpoint with {where} "
+                f"configs ({reason})"
+            ) from None
+    return pipe
+
+
+def _write_config_folder(folder: Path, configs: dict[str, Any]) -> None:
+    """A weightless diffusers folder (model_index.json + component configs) for `from_single_file(config=...)`."""
+    index: dict[str, Any] = {"_class_name": configs["_class_name"], "_diffusers_version": "0.0.0"}
+    classes = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+               "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+               "scheduler": ("diffusers", configs["scheduler"].get("_class_name", "DDIMScheduler"))}  # fmt: skip
+    if "text_encoder_2" in configs:
+        classes.update(text_encoder_2=("transformers", "CLIPTextModelWithProjection"),
+                       tokenizer_2=("transformers", "CLIPTokenizer"))  # fmt: skip
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    index.update({name: list(value) for name, value in classes.items()})
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        if name not in configs:
+            continue
+        sub = folder / name
+        sub.mkdir(parents=True)
+        filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+        (sub / filename).write_text(json.dumps(configs[name], indent=2), encoding="utf-8")
+    (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+
+
+def _text_encoders(path: Path, found: Recognized, checkpoint: dict[str, torch.Tensor]) -> list[Any]:
+    """The text encoder(s), converted with diffusers' own CLIP / OpenCLIP converters at the family's prefixes
+    (diffusers' pipeline loader picks the prefix by width, which two equally wide encoders defeat)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def build(name: str, cls) -> Any:
+        config = {k: v for k, v in found.configs[name].items() if k not in ("architectures", "_name_or_path")}
+        return cls(CLIPTextConfig(**config))
+
+    def fill(model: Any, state: dict[str, torch.Tensor], name: str) -> Any:
+        if not hasattr(model, "text_model"):  # CLIPTextModel is flat in transformers >= 5.6
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        state.pop("embeddings.position_ids", None)
+        state.pop("text_model.embeddings.position_ids", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise TunerError(
+                f"model {str(path)!r}: its {name} does not fit the {found.family} text encoder config "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        return model.eval()
+
+    if found.family == "sd1":
+        state = convert_ldm_clip_checkpoint(checkpoint)
+        return [fill(build("text_encoder", CLIPTextModel), state, "text_encoder")]
+    if found.family == "sd2":
+        model = build("text_encoder", CLIPTextModel)
+        state = convert_open_clip_checkpoint(model, checkpoint, prefix=OPEN_CLIP_PREFIX["sd2"])
+        return [fill(model, state, "text_encoder")]
+    first = {k: v for k, v in checkpoint.items() if k.startswith(CLIP_PREFIX["sdxl"])}
+    state = convert_ldm_clip_checkpoint(first, remove_prefix=CLIP_PREFIX["sdxl"])
+    model_2 = build("text_encoder_2", CLIPTextModelWithProjection)
+    state_2 = convert_open_clip_checkpoint(model_2, checkpoint, prefix=OPEN_CLIP_PREFIX["sdxl"])
+    return [
+        fill(build("text_encoder", CLIPTextModel), state, "text_encoder"),
+        fill(model_2, state_2, "text_encoder_2"),
+    ]
+
+
+def find_tokenizers(path: str | Path, family: str, tokenizer_from: str | None = None) -> list[Any]:
+    """The CLIP tokenizer(s) of a single-file base: from `tokenizer_from` (a local diffusers folder or a cached
+    hub id), else from the Hugging Face cache, else a TunerError naming the file and the fix."""
+    from transformers import CLIPTokenizer
+
+    subfolders = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+    if tokenizer_from:
+        local = Path(tokenizer_from).expanduser()
+        out = []
+        for sub in subfolders:
+            try:
+                if local.is_dir() and not (local / sub).is_dir() and (local / "vocab.json").is_file():
+                    out.append(CLIPTokenizer.from_pretrained(str(local)))  # a bare tokenizer folder
+                else:
+                    out.append(CLIPTokenizer.from_pretrained(str(local) if local.is_dir() else tokenizer_from,
+                                                             subfolder=sub, local_files_only=True))  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - any failure is one message naming the fix
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise TunerError(
+                    f"model.tokenizer_from = {tokenizer_from!r}: no CLIP tokenizer in '{sub}/' for the single-file "
+                    f"base {str(path)!r} ({reason}); give a local diffusers folder of a {family} model (with "
+                    f"{' and '.join(s + '/' for s in subfolders)})"
+                ) from None
+        return out
+    out = []
+    for candidates in CACHED_TOKENIZERS[family]:
+        for repo, sub in candidates:
+            try:
+                out.append(CLIPTokenizer.from_pretrained(repo, subfolder=sub or None, local_files_only=True))
+                break
+            except Exception:  # noqa: BLE001, S112 - not in the cache: try the next place
+                continue
+        else:
+            hint = TOKENIZER_HINT[family]
+            raise TunerError(
+                f"model {str(path)!r}: a single-file {family} checkpoint holds no tokenizer, and none is in the "
+                f"Hugging Face cache. Set model.tokenizer_from to a local diffusers folder of a {family} model "
+                f"(--set model.tokenizer_from=PATH), or fetch the tokenizer once: "
+                f"`hf download {hint} --include 'tokenizer*/*'`"
+            )
+    return out
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # fmt: skip
+
+
+def to_ldm_unet_state_dict(state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """Rename a `UNet2DConditionModel` state dict to the LDM / SGM layout (`input_blocks.4.1.proj_in.weight`,
+    ...), the inverse of diffusers' `convert_ldm_unet_checkpoint` for any depth and layers per block."""
+    per = config["layers_per_block"]
+    if not isinstance(per, int):
+        raise TunerError(f"single-file export: layers_per_block {per!r} per block is not supported")
+    up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
+
+    def rename(key: str) -> str:
+        for old, new in _UNET_TOP.items():
+            if key.startswith(old + "."):
+                return new + key[len(old) :]
+        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            return f"input_blocks.{1 + i * (per + 1) + j}.{0 if kind == 'resnets' else 1}.{_inner(kind, rest)}"
+        if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            return f"input_blocks.{(int(m[1]) + 1) * (per + 1)}.0.op.{m[2]}"
+        if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            return f"output_blocks.{i * (per + 1) + j}.{0 if kind == 'resnets' else 1}.{_inner(kind, rest)}"
+        if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+            i = int(m[1])
+            return f"output_blocks.{i * (per + 1) + per}.{2 if up_attn[i] else 1}.{m[2]}"
+        if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            kind, j, rest = m[1], int(m[2]), m[3]
+            return f"middle_block.{2 * j if kind == 'resnets' else 1}.{_inner(kind, rest)}"
+        raise TunerError(f"single-file export: no LDM name for the UNet tensor {key!r}")
+
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        new = rename(key)
+        if new in out:
+            raise TunerError(f"single-file export: two UNet tensors map to {new!r} (second: {key!r})")
+        out[new] = tensor
+    return out
+
+
+def _inner(kind: str, rest: str) -> str:
+    if kind != "resnets":
+        return rest  # transformer blocks keep their names (norm, proj_in, transformer_blocks.N.attn1.to_q, ...)
+    name, _, param = rest.partition(".")
+    return f"{_RESNET_NAMES.get(name, name)}.{param}"
+
+
+def to_ldm_clip_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """An HF `CLIPTextModel` under `prefix` with `text_model.` names (SD1's and SDXL's first encoder)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        out[prefix + (key if key.startswith("text_model.") else "text_model." + key)] = tensor
+    return out
+
+
+_OPEN_CLIP_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
+
+
+def to_open_clip_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """An HF CLIP text model in OpenCLIP names under `prefix` (SD2's encoder, SDXL's second): q/k/v fused into
+    `attn.in_proj_*`, `text_projection` stored transposed; the inverse of `convert_open_clip_checkpoint`."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("text_model.")
+        if key.endswith("position_ids"):
+            continue
+        if key == "embeddings.token_embedding.weight":
+            out[prefix + "token_embedding.weight"] = tensor
+        elif key == "embeddings.position_embedding.weight":
+            out[prefix + "positional_embedding"] = tensor
+        elif key.startswith("final_layer_norm."):
+            out[prefix + "ln_final." + key.split(".", 1)[1]] = tensor
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
+        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = tensor
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
+            name = _OPEN_CLIP_NAMES.get(m[2])
+            if name is None:
+                raise TunerError(f"single-file export: no OpenCLIP name for the text encoder tensor {key!r}")
+            out[f"{prefix}transformer.resblocks.{m[1]}.{name}.{m[3]}"] = tensor
+        else:
+            raise TunerError(f"single-file export: no OpenCLIP name for the text encoder tensor {key!r}")
+    for (layer, param), parts in qkv.items():
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts[c] for c in "qkv"])
+    return out
+
+
+def checkpoint_state_dict(family: str, unet: Any, vae: Any, text_encoders: list[Any]) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file checkpoint of `family` in the original LDM / SGM key names."""
+    from tuner.export.vae import to_ldm_vae_state_dict
+
+    tensors = {UNET_PREFIX + k: v for k, v in to_ldm_unet_state_dict(unet.state_dict(), unet.config).items()}
+    vae_state = to_ldm_vae_state_dict(vae.state_dict(), len(vae.config.up_block_types))
+    tensors.update({VAE_PREFIX + k: v for k, v in vae_state.items()})
+    if family == "sd1":
+        tensors.update(to_ldm_clip_state_dict(text_encoders[0].state_dict(), CLIP_PREFIX["sd1"]))
+    elif family == "sd2":
+        tensors.update(to_open_clip_state_dict(text_encoders[0].state_dict(), OPEN_CLIP_PREFIX["sd2"]))
+    elif family == "sdxl":
+        tensors.update(to_ldm_clip_state_dict(text_encoders[0].state_dict(), CLIP_PREFIX["sdxl"]))
+        tensors.update(to_open_clip_state_dict(text_encoders[1].state_dict(), OPEN_CLIP_PREFIX["sdxl"]))
+    else:
+        raise TunerError(f"single-file export: family {family!r} is not supported (sd1, sd2, sdxl)")
+    return tensors
+
+
+def _family_name(parts: Any) -> str:
+    """sd1 / sd2 / sdxl (a part set made from a loaded StableDiffusionPipeline says sd1 for both SD1 and SD2)."""
+    name = parts.family.name
+    unet_config = parts.unwrapped(parts.denoiser).config
+    if name == "sd1" and (unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024):
+        return "sd2"
+    return name
+
+
+def diffusers_configs(parts: Any) -> dict[str, Any]:
+    """The component configs a reader needs to rebuild the exact models (stored as `tuner.diffusers_config`)."""
+    family = _family_name(parts)
+    configs: dict[str, Any] = {
+        "_class_name": PIPELINE_CLASS[family],
+        "unet": dict(parts.unwrapped(parts.denoiser).config),
+        "vae": dict(parts.vae.config),
+        "scheduler": {
+            "_class_name": type(parts.sample_scheduler or parts.noise_scheduler).__name__,
+            **dict((parts.sample_scheduler or parts.noise_scheduler).config),
+        },  # fmt: skip
+    }
+    configs["scheduler"]["prediction_type"] = parts.prediction_type
+    for name, encoder in parts.text_encoder_modules().items():
+        config = parts.unwrapped(encoder).config.to_dict()
+        configs[name] = {k: v for k, v in config.items() if k not in ("architectures", "_name_or_path", "dtype",
+                                                                       "transformers_version")}  # fmt: skip
+    return json.loads(json.dumps(configs, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def save_checkpoint(parts: Any, path: str | Path, dtype: torch.dtype, metadata: dict[str, str] | None = None) -> Path:
+    """Write the parts (trained UNet, VAE, text encoders) as one A1111/Forge/ComfyUI checkpoint in `dtype`."""
+    from safetensors.torch import save_file
+
+    family = _family_name(parts)
+    if family not in PIPELINE_CLASS:
+        raise TunerError(f"dreambooth.save_format: a single-file checkpoint of {family} is not supported (sd1, sd2, "
+                         "sdxl); use save_format = 'pipeline'")  # fmt: skip
+    encoders = [parts.unwrapped(e) for e in parts.text_encoders]
+    tensors = checkpoint_state_dict(family, parts.unwrapped(parts.denoiser), parts.vae, encoders)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    meta = {"format": "pt", CONFIG_KEY: json.dumps(diffusers_configs(parts)), **(metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def check_checkpoint(unet: Any, path: str | Path, dtype: torch.dtype) -> float:
+    """Load the checkpoint's UNet through diffusers' `UNet2DConditionModel.from_single_file` (offline, config
+    from the file's metadata) and compare its output on a fixed input with the trained UNet's; returns the
+    relative max |difference|, or raises TunerError naming the file."""
+    from diffusers import UNet2DConditionModel
+
+    configs = recognize(path).configs
+    with tempfile.TemporaryDirectory(prefix="tuner-single-file-config-") as config_dir:
+        _write_config_folder(Path(config_dir), configs)
+        try:
+            reloaded = UNet2DConditionModel.from_single_file(
+                str(path), config=config_dir, subfolder="unet", local_files_only=True, torch_dtype=torch.float32
+            ).eval()
+        except Exception as exc:  # noqa: BLE001 - any loader failure is an unusable export
+            raise TunerError(f"export check failed: diffusers cannot load {path} ({exc})") from exc
+    config = unet.config
+    device = next(unet.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    size = 8
+    sample = torch.randn(1, config.in_channels, size, size, generator=gen)
+    context = torch.randn(1, 7, config.cross_attention_dim, generator=gen)
+    t = torch.tensor([500])
+    kwargs: dict[str, Any] = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=gen),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}  # fmt: skip
+    training = unet.training
+    unet.eval()
+    with torch.no_grad():
+        unet_dtype = next(unet.parameters()).dtype
+        to = lambda x: x.to(device, unet_dtype)  # noqa: E731
+        cond = {k: {n: to(v) for n, v in d.items()} for k, d in kwargs.items()}
+        expected = unet(to(sample), t.to(device), to(context), **cond).sample.float().cpu()
+        got = reloaded(sample, t, context, **kwargs).sample.float()
+    unet.train(training)
+    diff = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
+    allowed = ROUND_TRIP_TOLERANCE.get(dtype, 1e-1)
+    if not diff <= allowed:
+        raise TunerError(
+            f"export check failed: {path}, reloaded through diffusers' from_single_file, predicts differently from "
+            f"the trained UNet (relative max |difference| {diff:.3g}, allowed {allowed:g} in {dtype}); the file is "
+            "not usable"
+        )
+    return diff
