@@ -16,8 +16,16 @@ from tuner.errors import TunerError
 from tuner.export import metadata as md
 from tuner.export.lora_diffusers import diffusers_loadable, peft_weight_name, read_peft_file, write_peft_file
 from tuner.export.lora_flux import module_deltas, read_flux_kohya, write_flux_kohya
-from tuner.export.lora_kohya import is_kohya, kohya_tensors, read_kohya, read_kohya_tensors, write_kohya
+from tuner.export.lora_kohya import (
+    is_kohya,
+    kohya_tensors,
+    read_kohya,
+    read_kohya_tensors,
+    write_kohya,
+    writes_sgm,
+)
 from tuner.export.roundtrip import Check, fresh_pipeline, verify_files
+from tuner.export.sgm_names import UNetLayout
 from tuner.export.state import COMPONENTS, LoraState, module_paths
 
 logger = logging.getLogger(__name__)
@@ -155,9 +163,17 @@ def convert_lora(
             _same_deltas(state, read_flux_kohya(written))
             back = None
         else:
-            fmt, written = "kohya", write_kohya(state, target, family.text_encoders, header)
             names = module_names(model, family.text_encoders) if model else None
-            back = read_kohya(written, names, family.text_encoders) if model else None
+            layout = UNetLayout.from_paths(names["unet"]) if names else None
+            if layout is None and writes_sgm(family.text_encoders) and "unet" in state.components:
+                logger.warning(
+                    "%s: UNet modules keep their diffusers names (diffusers and ComfyUI load them; A1111 misplaces "
+                    "up-block convolutions); pass --model BASE to write the SGM names kohya writes for %s",
+                    target.name,
+                    family.name,
+                )
+            fmt, written = "kohya", write_kohya(state, target, family.text_encoders, header, layout)
+            back = read_kohya(written, names, family.text_encoders) if names else None
     else:
         target = _output_file(out, peft_weight_name(state.variant))
         _not_the_input(target, input_path)

@@ -1,8 +1,11 @@
 """The kohya / A1111 / ComfyUI LoRA file (`lora_unet_...`, `lora_te_...`), with LyCORIS key forms for LoHa/LoKr.
 
 Module names are `<prefix>_<module path with . -> _>` (prefix `lora_unet`, `lora_te` for the single text
-encoder of SD1/SD2, `lora_te1`/`lora_te2` for SDXL; text-encoder paths start with `text_model_`). Each module
-carries its true alpha as a float tensor, so `scale = alpha / rank` matches what was trained.
+encoder of SD1/SD2, `lora_te1`/`lora_te2` for SDXL; text-encoder paths start with `text_model_`). SD1/SD2 UNet
+paths are the diffusers ones (kohya trains those on the diffusers UNet); SDXL UNet paths are the original SGM
+ones kohya writes (`input_blocks_4_1_...`, `output_blocks_2_2_conv`, see `tuner.export.sgm_names`), which
+A1111, ComfyUI and kohya resolve, given the UNet's layout. Reading accepts both forms for every UNet.
+Each module carries its true alpha as a float tensor, so `scale = alpha / rank` matches what was trained.
 Going back needs the base model's module names, because `_` in a kohya name is ambiguous.
 """
 
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from tuner.errors import TunerError
+from tuner.export.sgm_names import UNetLayout, sgm_path
 from tuner.export.state import TEXT_MODEL, ComponentAdapter, LoraState, is_text_encoder, with_text_model
 
 # peft parameter -> kohya/LyCORIS suffix (DoRA's magnitude is handled separately: its shape changes).
@@ -32,18 +36,36 @@ def prefixes(num_text_encoders: int) -> dict[str, str]:
     }
 
 
-def kohya_name(component: str, path: str, num_text_encoders: int) -> str:
+def writes_sgm(num_text_encoders: int) -> bool:
+    """Whether kohya names this family's UNet by its original SGM paths: SDXL (the UNet family with two text
+    encoders); SD1/SD2 keep the diffusers paths, as kohya writes them."""
+    return num_text_encoders == 2
+
+
+def kohya_name(component: str, path: str, num_text_encoders: int, layout: UNetLayout | None = None) -> str:
+    """The kohya module name of one module path; UNet paths in SGM form when `layout` is given."""
     if is_text_encoder(component):
         path = with_text_model(path)
+    elif component == "unet" and layout is not None:
+        original = sgm_path(path, layout)
+        if original is None:
+            raise TunerError(f"unet module {path!r} has no original (SGM) name; A1111 and kohya could not load it")
+        path = original
     return f"{prefixes(num_text_encoders)[component]}_{path.replace('.', '_')}"
 
 
-def kohya_tensors(state: LoraState, num_text_encoders: int) -> dict[str, torch.Tensor]:
-    """The kohya/LyCORIS tensors of `state` (kohya requires contiguous tensors)."""
+def kohya_tensors(
+    state: LoraState, num_text_encoders: int, layout: UNetLayout | None = None
+) -> dict[str, torch.Tensor]:
+    """The kohya/LyCORIS tensors of `state` (kohya requires contiguous tensors).
+
+    `layout` (the base UNet's, `UNetLayout.of(unet)`) names an SDXL UNet's modules in SGM form; without it, or
+    for SD1/SD2, UNet modules keep their diffusers paths."""
+    layout = layout if writes_sgm(num_text_encoders) else None
     out: dict[str, torch.Tensor] = {}
     for component, comp in state.components.items():
         for path, params in comp.modules().items():
-            name = kohya_name(component, path, num_text_encoders)
+            name = kohya_name(component, path, num_text_encoders, layout)
             alpha, rank = comp.alpha_of(path), comp.rank_for(path)
             if comp.variant in ("lora", "dora"):
                 for peft_name, suffix in LORA_SUFFIXES.items():
@@ -67,15 +89,23 @@ def _dora_scale(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return magnitude.reshape(magnitude.shape[0], *[1] * (params["lora_A.weight"].dim() - 1))
 
 
-def write_kohya(state: LoraState, path: str | Path, num_text_encoders: int, metadata: dict[str, str]) -> Path:
-    """Write the kohya file with `metadata` (see `tuner.export.metadata`) plus its hashes, computed here."""
+def write_kohya(
+    state: LoraState,
+    path: str | Path,
+    num_text_encoders: int,
+    metadata: dict[str, str],
+    layout: UNetLayout | None = None,
+) -> Path:
+    """Write the kohya file with `metadata` (see `tuner.export.metadata`) plus its hashes, computed here.
+
+    Give the base UNet's `layout` so an SDXL file names its UNet modules as kohya does (see `kohya_tensors`)."""
     from safetensors.torch import save_file
 
     from tuner.export.metadata import hash_metadata
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = kohya_tensors(state, num_text_encoders)
+    tensors = kohya_tensors(state, num_text_encoders, layout)
     header = {**{k: str(v) for k, v in metadata.items()}, **hash_metadata(tensors, metadata)}
     save_file(tensors, str(path), metadata=header)
     return path
@@ -96,12 +126,28 @@ def is_kohya(keys: list[str]) -> bool:
 
 
 def name_table(module_names: dict[str, list[str]], num_text_encoders: int) -> dict[str, tuple[str, str]]:
-    """kohya module name -> (component, canonical module path), from the base model's module names."""
-    return {
-        kohya_name(component, path, num_text_encoders): (component, path)
-        for component, paths in module_names.items()
-        for path in paths
-    }
+    """kohya module name -> (component, canonical module path), from the base model's module names.
+
+    UNet modules are listed under both their diffusers and their original SGM names (the layout comes from the
+    UNet's own paths), so files of either form, tuner's and kohya's, resolve."""
+    table: dict[str, tuple[str, str]] = {}
+    for component, paths in module_names.items():
+        paths = list(paths)
+        for path in paths:
+            table[kohya_name(component, path, num_text_encoders)] = (component, path)
+        layout = _layout_or_none(paths) if component == "unet" else None
+        if layout is not None:
+            for path in paths:
+                if sgm_path(path, layout) is not None:
+                    table[kohya_name(component, path, num_text_encoders, layout)] = (component, path)
+    return table
+
+
+def _layout_or_none(paths: list[str]) -> UNetLayout | None:
+    try:
+        return UNetLayout.from_paths(paths)
+    except TunerError:  # not an SD-style UNet: it has no SGM names
+        return None
 
 
 def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -124,7 +170,7 @@ def read_kohya(path: str | Path, module_names: dict[str, list[str]], num_text_en
     if unknown:
         raise TunerError(
             f"{path}: {len(unknown)} module(s) do not exist in the base model, e.g. {unknown[:3]}; "
-            "is it for another model family, or written with SGM block names (input_blocks_...)?"
+            "is it for another model family or another UNet layout?"
         )
     per_component: dict[str, dict[str, tuple[dict[str, torch.Tensor], int, float]]] = {}
     for name, params in grouped.items():

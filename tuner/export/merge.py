@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tuner.errors import TunerError
-from tuner.export.lora_kohya import group_by_module, kohya_name, read_kohya_tensors
+from tuner.export.lora_kohya import group_by_module, name_table, read_kohya_tensors
 from tuner.export.state import COMPONENTS, module_paths
 
 
@@ -68,11 +68,10 @@ def apply_kohya(pipe: Any, source: str | Path | dict[str, torch.Tensor], scale: 
     tensors = source if isinstance(source, dict) else read_kohya_tensors(source)[0]
     path = "adapter" if isinstance(source, dict) else source
     num_te = sum(1 for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)
-    table: dict[str, torch.nn.Module] = {}
-    for component in COMPONENTS:
-        model = getattr(pipe, component, None)
-        if model is not None:
-            table.update({kohya_name(component, p, num_te): m for p, m in module_paths(model, component).items()})
+    live = {c: module_paths(getattr(pipe, c), c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+    # Both UNet name forms (diffusers paths, and the SGM paths kohya writes for SDXL), as A1111/ComfyUI accept.
+    names = name_table({c: list(paths) for c, paths in live.items()}, num_te)
+    table = {name: live[component][module] for name, (component, module) in names.items()}
     grouped = group_by_module(tensors)
     missing = sorted(name for name in grouped if name not in table)
     if missing:
