@@ -323,14 +323,16 @@ class LoraTrainer(Trainer):
     def validation_prompts(self) -> list[str]:
         """The instance / class prompts; else a few of the data's captions as training formats them (with the
         trigger word in front when a caption lacks it); else the trigger token in a plain sentence."""
-        prompts = super().validation_prompts()
-        if prompts:
-            return prompts
-        token = self.config.data.token
+        data = self.config.data
+        if data.instance_prompt:
+            return super().validation_prompts()
+        token = data.token
         captions = data_captions(self.config, self.validation_caption_count)
         if token:
             captions = [c if token in c else f"{token}, {c}" for c in captions]
-        return captions or ([f"a photo of {token}"] if token else [])
+        if captions:
+            return captions + ([data.class_prompt] if data.class_prompt else [])
+        return super().validation_prompts() or ([f"a photo of {token}"] if token else [])
 
     def save(self, parts: Parts, out_dir: Path) -> Artifact:
         extra: dict[str, Any] = {}

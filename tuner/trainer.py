@@ -146,9 +146,11 @@ class Trainer:
         return False
 
     def validation_prompts(self) -> list[str]:
-        """Prompts used when `[validation] prompts` is empty (methods override with their own)."""
+        """Prompts used when `[validation] prompts` is empty (methods override with their own): the instance prompt
+        (else what the caption template says without a caption, `{token}` expanded) and the class prompt."""
         data = self.config.data
-        prompt = data.instance_prompt or data.caption_template.replace("{caption}", "").strip()
+        template = data.caption_template.replace("{token}", data.token or "").replace("{caption}", "")
+        prompt = data.instance_prompt or " ".join(template.split()).strip(" ,;:")
         return [p for p in [prompt, data.class_prompt] if p]
 
     def validation_images(self, parts: Parts, step: int) -> Image.Image | None:
