@@ -290,3 +290,24 @@ def test_sgm_named_sdxl_file_loads_exactly_in_diffusers_and_by_merge_and_reads_b
             assert back.components[component].tensors.keys() == comp.tensors.keys()
             assert all(torch.equal(back.components[component].tensors[k], t) for k, t in comp.tensors.items())
             assert all(back.components[component].alpha_of(p) == comp.alpha_of(p) for p in comp.modules())
+
+
+def test_export_to_kohya_with_the_base_writes_sgm_names_and_converts_back_exactly(tiny_models, tmp_path, caplog):
+    from tuner.export.convert import export
+    from tuner.export.lora_diffusers import write_peft_file
+
+    model = str(tiny_models["sdxl"])
+    _, state = adapted_sdxl(model)
+    spec = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    src = write_peft_file(state, tmp_path / "src" / "pytorch_lora_weights.safetensors", spec)
+    kohya = export(src, "kohya", tmp_path / "k", model=model, name="xl")  # checked by loading both into the base
+    keys = load_file(kohya)
+    assert "lora_unet_output_blocks_1_2_conv.alpha" in keys and "lora_unet_middle_block_1_proj_in.alpha" in keys
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    back = export(kohya, "diffusers", tmp_path / "d", model=model)
+    original, again = load_file(src), load_file(back)
+    assert set(original) == set(again) and all(torch.equal(original[k], again[k]) for k in original)
+    # Without the base model the layout is unknown: diffusers names, and a warning that says how to get SGM ones.
+    plain = export(src, "kohya", tmp_path / "plain.safetensors")
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in load_file(plain)
+    assert "pass --model BASE" in caplog.text
