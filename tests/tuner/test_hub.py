@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -16,7 +19,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tuner import hub
 from tuner.config import RunConfig
@@ -337,3 +341,166 @@ def test_webui_folders_follow_the_file_format_not_the_method():
     assert webui_folders("textual_inversion/portable") == ("embeddings", "models/embeddings")
     assert webui_folders("ldm-vae-safetensors") == ("models/VAE", "models/vae")
     assert webui_folders("diffusers-pipeline") == ("models/Stable-diffusion", "models/checkpoints")
+
+
+# --- nothing private leaves; cards right to publish (issue 22) ---------------------------------------------------
+ABSOLUTE_PATH = re.compile(r"(?:^|[\s\"'`(=\[])(?:/|~/|[A-Za-z]:\\)[\w.~-]", re.M)
+
+
+def test_dry_run_of_a_local_run_uploads_no_local_path(tiny_models, tmp_path, hub_env, capsys):
+    """A LoRA run whose base, data, class, cache and output folders are absolute paths of this machine, without
+    validation prompts or instance prompt: it validates with the data's captions, writes files with the umask's
+    mode, and its dry-run publish (`--base-model org/name`) stages no byte naming any of those folders."""
+    from PIL import Image
+
+    from tuner.cli import main
+    from tuner.loop import train
+
+    base = tmp_path / "private-models" / "my-base"
+    shutil.copytree(tiny_models["sd1"], base)
+    data = tmp_path / "private-photos" / "dog"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 40 * i, 30)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a red dog number {i}", encoding="utf-8")
+    klass, cache, run = (
+        tmp_path / "private-class" / "dogs",
+        tmp_path / "private-cache",
+        tmp_path / "private-runs" / "r",
+    )
+    table = {
+        "method": "lora",
+        "model": {"pretrained_model_name_or_path": str(base)},
+        "data": {
+            "path": str(data),
+            "resolution": 64,
+            "enable_bucket": False,
+            "class_data_dir": str(klass),
+            "cache_dir": str(cache),
+            "token": "sks",
+        },  # fmt: skip
+        "optimizer": {"name": "adamw"},
+        "train": {"output_dir": str(run), "max_train_steps": 2, "report_to": "none"},
+        "validation": {"num_inference_steps": 1, "seeds": [0]},
+        "lora": {"rank": 2},
+    }
+    old = os.umask(0o027)
+    try:
+        run_dir = train(RunConfig.for_method("lora").model_validate(table))
+    finally:
+        os.umask(old)
+    artifact = Artifact.read(run_dir)
+    for f in [*artifact.files, ArtifactFile("artifact.json", "", "")]:
+        assert stat.S_IMODE((run_dir / f.path).stat().st_mode) == 0o640, f.path
+    assert (run_dir / "grids" / "final.png").is_file()  # validated with the captions, no refusal
+    for f in artifact.files:  # headers are written public at train time, not only when staged
+        with safe_open(run_dir / f.path, "pt") as fh:
+            assert not any(p in v for v in fh.metadata().values() for p in (str(tmp_path), str(run))), f.path
+
+    assert main(["publish", str(run_dir), "--repo-id", "me/dog", "--dry-run", "--base-model", "org/name"]) == 0
+    staged = run_dir / hub.STAGING_DIR
+    private = [str(p) for p in (tmp_path, base, data, klass, cache, run, run.resolve())]
+    tree = _tree(staged)
+    assert {"README.md", "config.json", "artifact.json", "pytorch_lora_weights.safetensors"} <= set(tree)
+    for rel, content in tree.items():
+        leaked = [p for p in private if p.encode() in content]
+        assert not leaked, (rel, leaked)
+    for rel in (r for r in tree if r.endswith(".safetensors")):
+        with safe_open(staged / rel, "pt") as fh:
+            metadata = fh.metadata()
+        assert not any(p in v for v in metadata.values() for p in private), rel
+        shared = json.loads(metadata["tuner.config"])
+        assert shared["data"]["path"] == "dog" and shared["data"]["class_data_dir"] == "dogs"
+    config = json.loads(tree["config.json"])
+    assert config["model"]["pretrained_model_name_or_path"] == "org/name" and config["train"]["output_dir"] == "r"
+    assert json.loads(tree["artifact.json"])["base_model"] == "org/name"
+    assert json.loads((run_dir / "config.json").read_text())["data"]["path"] == str(data)  # kept locally
+
+    card = ModelCard.load(staged / "README.md")
+    assert card.data.base_model == "org/name"
+    assert not ABSOLUTE_PATH.search(card.text), ABSOLUTE_PATH.search(card.text)
+    assert "import tuner" not in card.text and "from tuner" not in card.text
+    assert 'pipe("sks, a red dog number 0")' in card.text and 'pipe("")' not in card.text
+    assert 'torch.cuda.is_available() else "cpu"' in card.text and '.to("cuda")' not in card.text
+    assert card.data.widget[0]["text"] == "sks, a red dog number 0"
+
+
+def test_local_card_snippet_runs_as_written_on_cpu(tiny_models, tmp_path, hub_env, monkeypatch):
+    """The card written into the run folder (no repo yet) names the run by its folder name and a local base by a
+    marked placeholder; with the placeholder filled in, the snippet runs from the folder holding the run."""
+    run = tmp_path / "runs" / "dog"
+    run.mkdir(parents=True)
+    save_file({}, str(run / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    config = RunConfig(method="lora").to_dict()
+    config["model"]["pretrained_model_name_or_path"] = str(tiny_models["sd1"])
+    config["data"].update(instance_prompt="a photo of sks dog", path=str(tmp_path / "photos"))
+    config["train"].update(output_dir=str(run))
+    (run / "config.json").write_text(json.dumps(config))
+    load = f'pipe.load_lora_weights("{run}", weight_name="pytorch_lora_weights.safetensors")'
+    file = ArtifactFile("pytorch_lora_weights.safetensors", "diffusers-lora", load, ["diffusers"])
+    Artifact("lora", "sd1", str(tiny_models["sd1"]), [file], instance_prompt="a photo of sks dog").write(run)
+    text = hub.write_model_card(run).read_text()
+    assert not ABSOLUTE_PATH.search(text) and str(tmp_path) not in text
+    assert "a local model" in text and "--base-model" in text and "base_model:" not in text
+    code = text.split("```py\n", 1)[1].split("```", 1)[0]
+    assert 'pipe.load_lora_weights("dog", weight_name="pytorch_lora_weights.safetensors")' in code
+    code = code.replace('"path/to/the-base-model"', json.dumps(str(tiny_models["sd1"])), 1)
+    code = code.replace('pipe("a photo of sks dog")', 'pipe("a photo of sks dog", num_inference_steps=2)')
+    monkeypatch.chdir(run.parent)
+    scope: dict = {}
+    exec(compile(code, "card-snippet", "exec"), scope)  # noqa: S102 - the snippet as a user would run it
+    assert scope["image"].size[0] > 0 and scope["device"] in ("cpu", "cuda")
+
+
+def test_builtin_base_is_a_local_model_and_base_model_names_it(run_dir, tmp_path, hub_env):
+    artifact = Artifact.read(run_dir)
+    artifact.base_model, artifact.instance_prompt = "builtin:micro", None
+    artifact.write(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["model"]["pretrained_model_name_or_path"] = "builtin:micro"
+    config["validation"]["prompts"] = []
+    config["data"]["instance_prompt"] = None
+    (run_dir / "config.json").write_text(json.dumps(config))
+    card = hub.build_model_card(run_dir, repo_id="me/sks-dog")
+    assert card.data.base_model is None and "builtin_model_path" not in card.text and "import tuner" not in card.text
+    assert "for a local model (Stable Diffusion 1.x)" in card.text and "`builtin:micro`" in card.text
+    assert 'base = "path/to/the-base-model"' in card.text and "| base model | a local model |" in card.text
+    assert 'pipe("a photo of sks")' in card.text  # the trigger in a sentence, never an empty prompt
+    named = hub.build_model_card(run_dir, repo_id="me/sks-dog", base_model="org/micro")
+    assert named.data.base_model == "org/micro" and 'from_pretrained("org/micro", torch_dtype=dtype)' in named.text
+    with pytest.raises(hub.HubError, match="expected a hub id"):
+        hub.build_model_card(run_dir, base_model=str(tmp_path))
+
+
+def test_headers_of_older_runs_are_made_public_when_staged(run_dir, tmp_path, hub_env):
+    secret = str(tmp_path / "secret-photos")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["data"]["path"] = secret
+    (run_dir / "config.json").write_text(json.dumps(config))
+    tensors = {"lora_unet_down.lora_down.weight": torch.randn(4, 8), "lora_unet_down.alpha": torch.tensor(8.0)}
+    meta = {"ss_network_dim": "4", "tuner.config": json.dumps(config), "ss_sd_model_name": str(tmp_path / "base")}
+    save_file(tensors, str(run_dir / "sks_dog.safetensors"), metadata=meta)
+    hub.stage_upload(run_dir, tmp_path / "staged", repo_id="me/sks-dog")
+    staged = tmp_path / "staged" / "sks_dog.safetensors"
+    assert str(tmp_path).encode() not in staged.read_bytes()
+    assert all(torch.equal(load_file(staged)[k], v) for k, v in tensors.items())
+    assert json.loads(safe_open(staged, "pt").metadata()["tuner.config"])["data"]["path"] == "secret-photos"
+    assert secret in (run_dir / "sks_dog.safetensors").read_bytes().decode("latin-1")  # the run is untouched
+    with (run_dir / "grids" / "final.png").open("ab") as fh:
+        fh.write(secret.encode())
+    with pytest.raises(hub.HubError, match="grids/final.png contains the local path"):
+        hub.stage_upload(run_dir, tmp_path / "again")
+
+
+def test_settings_table_lists_only_what_the_method_used(run_dir, hub_env):
+    config = json.loads((run_dir / "config.json").read_text())
+    config["optimizer"].update(text_encoder_lr=5e-5, embedding_lr=1e-3)
+    config["lora"].update(train_text_encoder=False, text_encoder_target_modules="attn", rank_pattern={})
+    (run_dir / "config.json").write_text(json.dumps(config))
+    text = hub.build_model_card(run_dir, repo_id="me/sks-dog").text
+    assert "| lora.rank | 4 |" in text and "text_encoder_target_modules" not in text
+    assert "text encoder lr" not in text and "embedding lr" not in text and "rank_pattern" not in text
+    config["lora"]["train_text_encoder"] = True
+    (run_dir / "config.json").write_text(json.dumps(config))
+    text = hub.build_model_card(run_dir, repo_id="me/sks-dog").text
+    assert "| text encoder lr | 5e-05 |" in text and "| lora.text_encoder_target_modules | attn |" in text
