@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuner.errors import TrainingStopped, TunerError
+from tuner.public import normal_mode
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ def save_atomically(
     barrier()
     if is_main:
         write_manifest(tmp, step)
+        normal_mode(tmp)  # safetensors saves 0600; checkpoints are the user's files like any other output
         _fsync_tree(tmp)
         if final.exists():  # the same step written again (e.g. interrupted right after a checkpoint)
             old = run_dir / f"{PREFIX}{step}.old"

@@ -167,3 +167,16 @@ def test_lora_validation_prompts_default_to_the_data_captions(tmp_path):
     assert validation_prompt_list(trainer(instance_prompt="a photo of sks toy")) == ["a photo of sks toy"]
     empty = LoraTrainer(RunConfig.for_method("lora").model_validate({"method": "lora", "data": {"token": "sks"}}))
     assert validation_prompt_list(empty) == ["a photo of sks"]
+
+
+def test_checkpoints_get_the_umask_mode(tmp_path, umask_027):
+    from tuner.checkpoint import save_atomically
+
+    def shared(folder: Path) -> None:
+        save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+
+    final = save_atomically(tmp_path, 3, shared, lambda folder: None, True, lambda: None, None)
+    assert final.name == "checkpoint-3"
+    for path in final.rglob("*"):
+        wanted = (0o777 if path.is_dir() else 0o666) & ~umask_027
+        assert stat.S_IMODE(path.stat().st_mode) == wanted, path
