@@ -48,8 +48,12 @@ class DreamBoothConfig(MethodConfig):
     """LoRA rank (with `lora = true`)."""
     alpha: float | None = None
     """LoRA alpha (default: the rank)."""
-    save_format: Literal["pipeline", "unet"] = "pipeline"
-    """Full fine-tune output: a whole pipeline folder, or only `unet/` (smaller; load it into the base)."""
+    save_format: Literal["pipeline", "unet", "single_file", "both"] = "pipeline"
+    """Full fine-tune output: a whole pipeline folder; only `unet/` (smaller; load it into the base); one
+    `.safetensors` checkpoint in the original LDM/SGM key names, with VAE and text encoders (loads in A1111,
+    Forge, ComfyUI and diffusers' `from_single_file`; SD1/SD2/SDXL); or `both` (pipeline folder and single file)."""
+    single_file_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """Precision of the tensors in the single-file checkpoint (fp16 is what UIs expect; bf16 keeps the range)."""
     validation_contexts: list[str] = list(CONTEXTS)
     """Prompts that put the subject in new contexts; `{}` is the instance phrase (e.g. "sks dog")."""
 
@@ -158,23 +162,50 @@ class DreamBoothTrainer(Trainer):
 
         unet = parts.unwrapped(parts.denoiser)
         base = self.config.model.pretrained_model_name_or_path
-        if self.method_config.save_format == "unet":
+        save_format = self.method_config.save_format
+        files = []
+        if save_format == "unet":
             target = out_dir / "unet"
             unet.save_pretrained(target, safe_serialization=True)
-            reloaded = UNet2DConditionModel.from_pretrained(target)
+            _check_same_unet(unet, UNet2DConditionModel.from_pretrained(target))
             load = (
                 f'unet = UNet2DConditionModel.from_pretrained("{target}"); '
                 f'pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet)'
             )
-            files = [ArtifactFile(str(target.relative_to(out_dir)), "diffusers-unet", load, ["diffusers"])]
-        else:
+            files.append(ArtifactFile(str(target.relative_to(out_dir)), "diffusers-unet", load, ["diffusers"]))
+        if save_format in ("pipeline", "both"):
             target = out_dir / "pipeline"
             parts.pipeline().save_pretrained(target, safe_serialization=True)
-            reloaded = DiffusionPipeline.from_pretrained(target).unet
+            _check_same_unet(unet, DiffusionPipeline.from_pretrained(target).unet)
             load = f'pipe = DiffusionPipeline.from_pretrained("{target}")'
-            files = [ArtifactFile(str(target.relative_to(out_dir)), "diffusers-pipeline", load, ["diffusers"])]
-        _check_same_unet(unet, reloaded)
+            files.append(ArtifactFile(str(target.relative_to(out_dir)), "diffusers-pipeline", load, ["diffusers"]))
+        if save_format in ("single_file", "both"):
+            files.append(self._save_single_file(parts, out_dir))
         return self.artifact(parts, files, self._identifier())
+
+    def _save_single_file(self, parts: Parts, out_dir: Path) -> ArtifactFile:
+        """One A1111/Forge/ComfyUI checkpoint (LDM/SGM names, VAE and text encoders included), checked by
+        loading it back through diffusers' `from_single_file` and comparing the UNet's output."""
+        import re
+
+        from tuner import single_file
+        from tuner.export.metadata import architecture, modelspec
+
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+            self.method_config.single_file_dtype
+        ]
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(out_dir).resolve().name).strip("._") or "dreambooth"
+        target = out_dir / f"{name}.safetensors"
+        spec = modelspec(
+            parts.family, parts.prediction_type, name, self.config.data.resolution, self._identifier(), adapter="x"
+        )
+        spec["modelspec.architecture"] = architecture(parts.family, parts.prediction_type, "x").rsplit("/", 1)[0]
+        single_file.save_checkpoint(parts, target, dtype, spec)
+        single_file.check_checkpoint(parts.unwrapped(parts.denoiser), target, dtype)
+        pipeline_class = single_file.PIPELINE_CLASS[parts.family.name]
+        load = f'pipe = {pipeline_class}.from_single_file("{target}", config="{parts.source}")'
+        tools = ["A1111", "Forge", "ComfyUI", "diffusers"]
+        return ArtifactFile(str(target.relative_to(out_dir)), "ldm-checkpoint", load, tools)
 
     def validation_prompts(self) -> list[str]:
         data = self.config.data

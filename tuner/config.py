@@ -38,6 +38,10 @@ class ModelConfig(Section):
     """Weight variant to load, e.g. `fp16`."""
     vae: str | None = None
     """Optional separate VAE folder or hub id (e.g. a fine-tuned decoder)."""
+    tokenizer_from: str | None = None
+    """Where a single-file base (`model.safetensors`) takes its CLIP tokenizer(s) from, which such a checkpoint
+    does not hold: a local diffusers folder of the same family (its `tokenizer/`, `tokenizer_2/`) or a hub id in
+    the Hugging Face cache. Unset: the family's usual hub repos in the cache, else an error naming the fix."""
 
 
 class SubsetConfig(Section):

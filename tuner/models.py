@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuner import single_file
 from tuner.errors import TunerError
 from tuner.families import FAMILIES, Family, family_of_pipeline, variant_of
 
@@ -42,13 +43,23 @@ def has_builtin_model(name: str) -> bool:
     return (BUILTIN_DIR / name / "model_index.json").is_file()
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, tokenizer_from: str | None = None) -> str:
+    """The folder or hub id to load: `builtin:NAME` becomes its folder, and a single-file checkpoint its
+    converted diffusers folder (cached; converted now when its tokenizers are reachable, else left as the file,
+    which `detect_family` reads by its keys and `load_parts` converts or refuses with the fix)."""
     if name_or_path.startswith(BUILTIN_PREFIX):
         return str(builtin_model_path(name_or_path[len(BUILTIN_PREFIX) :]))
+    if single_file.is_single_file(name_or_path):
+        try:
+            return str(single_file.convert(name_or_path, tokenizer_from))
+        except single_file.MissingTokenizer:
+            return str(single_file.check_file(name_or_path))
     return name_or_path
 
 
 def _read_json(source: str, filename: str, revision: str | None) -> dict[str, Any]:
+    if single_file.is_single_file(source):
+        raise TunerError(f"model {source!r}: a single-file checkpoint has no {filename}; load it with load_parts")
     local = Path(source) / filename
     if Path(source).is_dir():
         return json.loads(local.read_text(encoding="utf-8")) if local.is_file() else {}
@@ -62,6 +73,8 @@ def _read_json(source: str, filename: str, revision: str | None) -> dict[str, An
 
 def _unreachable(source: str, exc: Exception) -> TunerError:
     reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if single_file.is_single_file(source):
+        return TunerError(f"model.pretrained_model_name_or_path = {source!r}: cannot load this checkpoint ({reason})")
     return TunerError(
         f"model.pretrained_model_name_or_path = {source!r}: not a local diffusers folder, and it could not be "
         f"fetched from the hub ({reason}). Give a local folder (`tuner make-tiny DIR` writes a tiny one), "
@@ -70,7 +83,11 @@ def _unreachable(source: str, exc: Exception) -> TunerError:
 
 
 def detect_family(source: str, revision: str | None = None) -> tuple[Family, str]:
-    """(family, prediction_type) from `model_index.json`, the denoiser config and the scheduler config."""
+    """(family, prediction_type) from `model_index.json`, the denoiser config and the scheduler config; of a
+    single-file checkpoint, from its key names and metadata (`tuner.single_file.recognize`)."""
+    if single_file.is_single_file(source):
+        found = single_file.recognize(source)
+        return FAMILIES[found.family], found.prediction_type
     index = _read_json(source, "model_index.json", revision)
     if not index:
         raise TunerError(f"model {source!r}: no model_index.json; expected a diffusers pipeline folder")
@@ -201,13 +218,21 @@ def load_parts(
     vae: str | None = None,
     device: torch.device | str = "cpu",
     weight_dtype: torch.dtype = torch.float32,
+    tokenizer_from: str | None = None,
 ) -> Parts:
-    """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training noise scheduler of a base pipeline."""
+    """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training noise scheduler of a base pipeline.
+
+    A single-file checkpoint loads from its converted diffusers folder (`tuner.single_file.convert`; its
+    tokenizers from `tokenizer_from`, else the Hugging Face cache), which becomes `Parts.source`."""
     import diffusers
     import transformers
     from transformers import AutoTokenizer
 
-    source = resolve_model_path(name_or_path)
+    source = resolve_model_path(name_or_path, tokenizer_from)
+    if single_file.is_single_file(source):  # no tokenizer reachable: converting raises the error naming the fix
+        source = str(single_file.convert(source, tokenizer_from))
+    if source != name_or_path and single_file.is_single_file(name_or_path):
+        revision = variant = None  # the converted folder has neither
     family, prediction = detect_family(source, revision)
     kw = {"revision": revision, "variant": variant}
     try:

@@ -70,6 +70,10 @@ TOKENIZER_HINT = {
 }
 
 
+class MissingTokenizer(TunerError):
+    """A single-file base whose CLIP tokenizer(s) were found nowhere (the message names the fix)."""
+
+
 def is_single_file(name_or_path: str) -> bool:
     """Whether `name_or_path` names a checkpoint file (by suffix, existing or not), not a folder or a hub id."""
     suffix = Path(str(name_or_path)).suffix.lower()
@@ -444,44 +448,61 @@ def _text_encoders(path: Path, found: Recognized, checkpoint: dict[str, torch.Te
 def find_tokenizers(path: str | Path, family: str, tokenizer_from: str | None = None) -> list[Any]:
     """The CLIP tokenizer(s) of a single-file base: from `tokenizer_from` (a local diffusers folder or a cached
     hub id), else from the Hugging Face cache, else a TunerError naming the file and the fix."""
-    from transformers import CLIPTokenizer
-
     subfolders = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
     if tokenizer_from:
         local = Path(tokenizer_from).expanduser()
+        source = str(local) if local.exists() else tokenizer_from
         out = []
         for sub in subfolders:
-            try:
-                if local.is_dir() and not (local / sub).is_dir() and (local / "vocab.json").is_file():
-                    out.append(CLIPTokenizer.from_pretrained(str(local)))  # a bare tokenizer folder
-                else:
-                    out.append(CLIPTokenizer.from_pretrained(str(local) if local.is_dir() else tokenizer_from,
-                                                             subfolder=sub, local_files_only=True))  # fmt: skip
-            except Exception as exc:  # noqa: BLE001 - any failure is one message naming the fix
-                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if local.is_dir() and not (local / sub).is_dir() and (local / "vocab.json").is_file():
+                sub = ""  # a bare tokenizer folder (serves every encoder)
+            tokenizer = _tokenizer(source, sub)
+            if tokenizer is None:
                 raise TunerError(
-                    f"model.tokenizer_from = {tokenizer_from!r}: no CLIP tokenizer in '{sub}/' for the single-file "
-                    f"base {str(path)!r} ({reason}); give a local diffusers folder of a {family} model (with "
-                    f"{' and '.join(s + '/' for s in subfolders)})"
-                ) from None
+                    f"model.tokenizer_from = {tokenizer_from!r}: no CLIP tokenizer in '{sub or '.'}/' for the "
+                    f"single-file base {str(path)!r}; give a local diffusers folder of a {family} model (with "
+                    f"{' and '.join(s + '/' for s in subfolders)}) or a hub id already in the Hugging Face cache"
+                )
+            out.append(tokenizer)
         return out
     out = []
     for candidates in CACHED_TOKENIZERS[family]:
-        for repo, sub in candidates:
-            try:
-                out.append(CLIPTokenizer.from_pretrained(repo, subfolder=sub or None, local_files_only=True))
-                break
-            except Exception:  # noqa: BLE001, S112 - not in the cache: try the next place
-                continue
-        else:
+        tokenizer = next((t for repo, sub in candidates if (t := _tokenizer(repo, sub)) is not None), None)
+        if tokenizer is None:
             hint = TOKENIZER_HINT[family]
-            raise TunerError(
+            raise MissingTokenizer(
                 f"model {str(path)!r}: a single-file {family} checkpoint holds no tokenizer, and none is in the "
                 f"Hugging Face cache. Set model.tokenizer_from to a local diffusers folder of a {family} model "
                 f"(--set model.tokenizer_from=PATH), or fetch the tokenizer once: "
                 f"`hf download {hint} --include 'tokenizer*/*'`"
             )
+        out.append(tokenizer)
     return out
+
+
+def _tokenizer(source: str, subfolder: str) -> Any:
+    """A CLIP tokenizer from a local folder or the Hugging Face cache (never the network), or None when its
+    files are not there (transformers would otherwise build an empty one)."""
+    from transformers import CLIPTokenizer
+
+    names = ("vocab.json", "tokenizer.json")
+    local = Path(source) / subfolder
+    if Path(source).is_dir():
+        if not any((local / name).is_file() for name in names):
+            return None
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = [try_to_load_from_cache(source, f"{subfolder}/{n}" if subfolder else n) for n in names]
+        except Exception:  # noqa: BLE001 - not a valid repo id (a missing local path, say): not there
+            return None
+        if not any(isinstance(c, str) for c in cached):
+            return None
+    try:
+        return CLIPTokenizer.from_pretrained(source, subfolder=subfolder or None, local_files_only=True)
+    except Exception:  # noqa: BLE001 - unreadable files count as absent
+        return None
 
 
 # --- writing -------------------------------------------------------------------------------------------------

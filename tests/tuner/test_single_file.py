@@ -1,0 +1,188 @@
+"""Single-file checkpoints in and out: full DreamBooth writes one (LDM/SGM names), and such files are the base of
+LoRA, DreamBooth and textual-inversion runs, offline; pickles, unknown files and missing tokenizers are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tuner import single_file
+from tuner.config import build_config
+from tuner.errors import TunerError
+from tuner.loop import train
+from tuner.micro.render import render_set
+from tuner.models import detect_family, load_parts
+
+DTYPES = {"sd1": "fp16", "sd2": "bf16", "sdxl": "fp32"}
+SAVE_FORMAT = {"sd1": "single_file", "sd2": "single_file", "sdxl": "both"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    """Conversions go to a fresh folder, not the user's cache."""
+    old = os.environ.get("TUNER_SINGLE_FILE_CACHE")
+    os.environ["TUNER_SINGLE_FILE_CACHE"] = str(tmp_path_factory.mktemp("single-file-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TUNER_SINGLE_FILE_CACHE")
+    else:
+        os.environ["TUNER_SINGLE_FILE_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    render_set(folder, "concept", 2, seed=3)
+    (folder / "labels.jsonl").unlink()
+    return folder
+
+
+def config(method, model, photos, out, steps=1, tokenizer_from=None, **table):
+    layer = {
+        "method": method,
+        "model": {"pretrained_model_name_or_path": str(model), "tokenizer_from": tokenizer_from},
+        "data": {"path": str(photos), "resolution": 64, "enable_bucket": False, "cache_dir": str(out / "cache")},
+        "optimizer": {"name": "adamw", "learning_rate": 1e-3},
+        "train": {"output_dir": str(out), "max_train_steps": steps, "checkpointing_steps": 1000, "report_to": "none"},
+        "validation": {"enabled": False},
+        method: table,
+    }
+    return build_config([("test", layer)])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_models, photos, tmp_path_factory):
+    """Each family's tiny pipeline, one step of full DreamBooth, written as a single-file checkpoint."""
+    out = {}
+    for family in ("sd1", "sd2", "sdxl"):
+        run = tmp_path_factory.mktemp(f"db-{family}")
+        cfg = config("dreambooth", tiny_models[family], photos, run, save_format=SAVE_FORMAT[family],
+                     single_file_dtype=DTYPES[family])  # fmt: skip
+        train(cfg, summary=False)
+        artifact = json.loads((run / "artifact.json").read_text())
+        (entry,) = [f for f in artifact["files"] if f["format"] == "ldm-checkpoint"]
+        out[family] = run / entry["path"]
+    return out
+
+
+def test_dreambooth_single_file_has_original_names_dtype_and_loads_in_diffusers(checkpoints, tiny_models):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    for family, path in checkpoints.items():
+        with safe_open(str(path), framework="pt") as f:
+            keys, meta = set(f.keys()), f.metadata()
+            dtypes = {f.get_tensor(k).dtype for k in list(keys)[:20]}
+        assert all(k.split(".")[0] in ("model", "first_stage_model", "cond_stage_model", "conditioner") for k in keys)
+        assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+        assert dtypes == {{"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[DTYPES[family]]}
+        assert meta["modelspec.sai_model_spec"] == "1.0.1" and "/" not in meta["modelspec.architecture"]
+        found = single_file.recognize(path)
+        assert found.family == family and found.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+        assert detect_family(str(path))[0].name == family
+    # A stock pipeline built from the checkpoint by diffusers itself (configs from the base folder, offline).
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(checkpoints["sd2"]), config=str(tiny_models["sd2"]), local_files_only=True, safety_checker=None
+    )
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # `both`: the single file holds exactly the pipeline folder's trained UNet.
+    folder_unet = DiffusionPipeline.from_pretrained(checkpoints["sdxl"].parent / "pipeline").unet.state_dict()
+    file_unet = single_file.load_pipeline(checkpoints["sdxl"], str(tiny_models["sdxl"])).unet.state_dict()
+    assert all(torch.equal(folder_unet[k], file_unet[k]) for k in folder_unet)
+
+
+def _base(checkpoints, tiny_models, family):
+    """The single-file base, converted once with its tokenizers from the tiny folder (what the loop's
+    load_parts does with `model.tokenizer_from`)."""
+    single_file.convert(checkpoints[family], str(tiny_models[family]))
+    return checkpoints[family]
+
+
+def test_lora_on_a_single_file_base_loads_in_a_stock_pipeline(checkpoints, tiny_models, photos, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    base = _base(checkpoints, tiny_models, "sd1")
+    run = tmp_path / "lora"
+    train(config("lora", base, photos, run, steps=2, tokenizer_from=str(tiny_models["sd1"]), rank=2), summary=False)
+    artifact = json.loads((run / "artifact.json").read_text())
+    assert artifact["base_model"] == str(base)
+    peft = next(f for f in artifact["files"] if f["format"].startswith("diffusers"))
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(base), config=str(tiny_models["sd1"]), local_files_only=True, safety_checker=None
+    )
+    sample, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        before = pipe.unet(sample, t, context).sample
+        pipe.load_lora_weights(str(run), weight_name=peft["path"])
+        after = pipe.unet(sample, t, context).sample
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_textual_inversion_on_a_single_file_base_loads_in_a_stock_pipeline(checkpoints, tiny_models, photos, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    base = _base(checkpoints, tiny_models, "sd2")
+    run = tmp_path / "ti"
+    cfg = config("textual_inversion", base, photos, run, steps=2, tokenizer_from=str(tiny_models["sd2"]),
+                 placeholder_token="<sks>", initializer_token="cat")  # fmt: skip
+    train(cfg, summary=False)
+    artifact = json.loads((run / "artifact.json").read_text())
+    file = next(f for f in artifact["files"] if f["format"] == "textual_inversion/diffusers")
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(base), config=str(tiny_models["sd2"]), local_files_only=True, safety_checker=None
+    )
+    pipe.load_textual_inversion(str(run / file["path"]))
+    ids = pipe.tokenizer("a <sks> photo").input_ids
+    assert pipe.tokenizer.convert_tokens_to_ids("<sks>") in ids
+
+
+def test_dreambooth_on_a_single_file_sdxl_base_writes_a_checkpoint_again(checkpoints, tiny_models, photos, tmp_path):
+    base = _base(checkpoints, tiny_models, "sdxl")
+    run = tmp_path / "db2"
+    cfg = config("dreambooth", base, photos, run, steps=1, tokenizer_from=str(tiny_models["sdxl"]),
+                 save_format="single_file", single_file_dtype="fp32")  # fmt: skip
+    train(cfg, summary=False)
+    artifact = json.loads((run / "artifact.json").read_text())
+    (entry,) = artifact["files"]
+    assert entry["format"] == "ldm-checkpoint" and "ComfyUI" in entry["tools"]
+    pipe = single_file.load_pipeline(run / entry["path"], str(tiny_models["sdxl"]))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    base_unet = single_file.load_pipeline(base, str(tiny_models["sdxl"])).unet.state_dict()
+    assert any(not torch.equal(v, base_unet[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_load_parts_converts_with_tokenizer_from_and_reuses_the_conversion(checkpoints, tiny_models):
+    parts = load_parts(str(checkpoints["sd1"]), tokenizer_from=str(tiny_models["sd1"]))
+    assert parts.family.name == "sd1" and (single_file.cached_conversion(checkpoints["sd1"]) is not None)
+    assert parts.source == str(single_file.converted_folder(checkpoints["sd1"]))
+    assert len(parts.tokenizers[0]) == parts.text_encoder.get_input_embeddings().weight.shape[0]
+
+
+# --- refusals: one message naming the file and the fix -------------------------------------------------------
+def test_pickle_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"not read")
+    with pytest.raises(TunerError, match=r"model\.ckpt.*pickle.*\.safetensors"):
+        load_parts(str(path))
+
+
+def test_unknown_safetensors_is_refused_with_what_was_found(tmp_path):
+    path = tmp_path / "mystery.safetensors"
+    save_file({"encoder.layer.0.weight": torch.zeros(2, 2), "encoder.layer.1.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(TunerError, match=r"mystery\.safetensors.*no SD1.*found 2 tensors, 2 under 'encoder\.layer'"):
+        detect_family(str(path))
+
+
+def test_missing_tokenizer_names_the_file_and_the_fix(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setitem(single_file.CACHED_TOKENIZERS, "sdxl", [[("tuner-tests/absent", "tokenizer")]] * 2)
+    monkeypatch.setenv("TUNER_SINGLE_FILE_CACHE", str(tmp_path / "empty-cache"))  # no earlier conversion
+    path = tmp_path / "copy.safetensors"
+    path.write_bytes(checkpoints["sdxl"].read_bytes())
+    with pytest.raises(TunerError, match=r"copy\.safetensors.*holds no tokenizer.*model\.tokenizer_from"):
+        load_parts(str(path))
+    with pytest.raises(TunerError, match=r"tokenizer_from = .*absent.*no CLIP tokenizer"):
+        load_parts(str(path), tokenizer_from=str(tmp_path / "absent"))
