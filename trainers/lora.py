@@ -256,6 +256,8 @@ def data_captions(run_config: Any, limit: int) -> list[str]:
     from tuner.data.sources import list_sources
 
     data = run_config.data
+    if data.path and not Path(data.path).expanduser().exists():
+        return []  # a hub dataset: not downloaded just for prompts
     try:
         items = [i for i in list_sources(run_config).items if not i.is_class and i.problem is None]
     except Exception:  # noqa: BLE001 - no captions is not an error here; training reports bad data itself

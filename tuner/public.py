@@ -162,9 +162,11 @@ def public_metadata(metadata: dict[str, str], run_dir: str | Path | None = None,
             except ValueError:
                 parsed = None
             if isinstance(parsed, dict) and isinstance(parsed.get("model"), dict):
-                new = json.dumps(public_config(parsed, run_dir), sort_keys=True, ensure_ascii=False)
-            elif parsed is not None:
-                new = json.dumps(public_value(parsed, run_dir), ensure_ascii=False)
+                shared = public_config(parsed, run_dir)
+            else:
+                shared = public_value(parsed, run_dir) if parsed is not None else None
+            if parsed is not None and shared != parsed:  # re-serialized only when something changed
+                new = json.dumps(shared, sort_keys=isinstance(shared, dict), ensure_ascii=False)
         elif isinstance(value, str):
             new = public_path(value, run_dir)
         out[key] = scrub_text(new, paths, run_dir) if isinstance(new, str) else new

@@ -112,6 +112,8 @@ def test_safetensors_header_is_rewritten_and_tensors_kept(tmp_path):
     assert json.loads(shared["tuner.config"])["model"]["pretrained_model_name_or_path"] == LOCAL_MODEL
     assert shared["ss_sd_model_name"] == "base" and shared["note"] == "trained on photos today"
     assert shared["ss_network_dim"] == "4"
+    untouched = {"ss_network_args": '{"conv_dim":"4", "algo": "lora"}', "tuner.config": '{"model": {}, "b": 1}'}
+    assert public_metadata(untouched, run) == untouched  # nothing private: the header stays byte for byte
     copy_with_metadata(run / "w.safetensors", tmp_path / "copy.safetensors", shared)
     loaded = load_file(tmp_path / "copy.safetensors")
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
