@@ -203,7 +203,11 @@ class DreamBoothTrainer(Trainer):
         single_file.save_checkpoint(parts, target, dtype, spec)
         single_file.check_checkpoint(parts.unwrapped(parts.denoiser), target, dtype)
         pipeline_class = single_file.PIPELINE_CLASS[parts.family.name]
-        load = f'pipe = {pipeline_class}.from_single_file("{target}", config="{parts.source}")'
+        # `config`: the base's own folder or hub id (for a single-file base, the family's standard hub repo).
+        base = self.config.model.pretrained_model_name_or_path
+        config = single_file.TOKENIZER_HINT[parts.family.name] if single_file.is_single_file(base) else base
+        config = parts.source if base.startswith("builtin:") else config
+        load = f'pipe = {pipeline_class}.from_single_file("{target}", config="{config}")'
         tools = ["A1111", "Forge", "ComfyUI", "diffusers"]
         return ArtifactFile(str(target.relative_to(out_dir)), "ldm-checkpoint", load, tools)
 

@@ -298,28 +298,39 @@ def convert(path: str | Path, tokenizer_from: str | None = None) -> Path:
     path = check_file(path)
     folder = converted_folder(path)
     info_file = folder / "tuner-single-file.json"
-    if info_file.is_file():
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-        if tokenizer_from is None or info.get("tokenizer_from") == _tokenizer_key(tokenizer_from):
-            return folder
+    if _converted_with(info_file, tokenizer_from):
+        return folder
     pipe = load_pipeline(path, tokenizer_from)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        info = {
-            "source": str(path.resolve()),
-            "sha256": file_hash(path),
-            "tokenizer_from": _tokenizer_key(tokenizer_from),
-        }
+        info = {"source": str(path.resolve()), "sha256": file_hash(path)}
+        info["tokenizer_from"] = _tokenizer_key(tokenizer_from)
         (tmp / "tuner-single-file.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if _converted_with(info_file, tokenizer_from):  # another process (a DDP rank) finished it meanwhile
+            return folder
+        if folder.exists():  # converted before with other tokenizers: move it aside, then drop it
+            stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
+            os.replace(folder, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a DDP rank) finished the same conversion first: use its folder
+            if not info_file.is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s into the diffusers folder %s", path, folder)
     return folder
+
+
+def _converted_with(info_file: Path, tokenizer_from: str | None) -> bool:
+    """Whether a finished conversion exists that used `tokenizer_from` (any, when it is None)."""
+    if not info_file.is_file():
+        return False
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    return tokenizer_from is None or info.get("tokenizer_from") == _tokenizer_key(tokenizer_from)
 
 
 def _tokenizer_key(tokenizer_from: str | None) -> str | None:
@@ -647,6 +658,9 @@ def diffusers_configs(parts: Any) -> dict[str, Any]:
         config = parts.unwrapped(encoder).config.to_dict()
         configs[name] = {k: v for k, v in config.items() if k not in ("architectures", "_name_or_path", "dtype",
                                                                        "transformers_version")}  # fmt: skip
+    for value in configs.values():  # where the base was loaded from is a local path: it stays home
+        if isinstance(value, dict):
+            value.pop("_name_or_path", None)
     return json.loads(json.dumps(configs, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 

@@ -186,3 +186,42 @@ def test_missing_tokenizer_names_the_file_and_the_fix(checkpoints, tmp_path, mon
         load_parts(str(path))
     with pytest.raises(TunerError, match=r"tokenizer_from = .*absent.*no CLIP tokenizer"):
         load_parts(str(path), tokenizer_from=str(tmp_path / "absent"))
+
+
+def test_transformer_single_files_are_refused_clearly(tmp_path):
+    path = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2)}, str(path))
+    with pytest.raises(TunerError, match=r"flux1-dev\.safetensors.*SD3/FLUX\.1 single-file.*diffusers folder"):
+        detect_family(str(path))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_full_size_layouts_round_trip_through_diffusers_converters(family):
+    """On the meta device (no weights): a full-size SD1.5 / SD2.1 / SDXL written by the suite has the key names
+    diffusers recognizes the family by, and diffusers' own converters map every tensor back."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, infer_diffusers_model_type
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    configs = single_file.standard_configs(family, "v_prediction" if family == "sd2" else "epsilon")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        encoders = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))]
+        if family == "sdxl":
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
+    unet_ldm = single_file.to_ldm_unet_state_dict(unet.state_dict(), unet.config)
+    ldm = {single_file.UNET_PREFIX + k: v for k, v in unet_ldm.items()}
+    if family == "sd1":
+        ldm.update(single_file.to_ldm_clip_state_dict(encoders[0].state_dict(), single_file.CLIP_PREFIX["sd1"]))
+    elif family == "sd2":
+        ldm.update(single_file.to_open_clip_state_dict(encoders[0].state_dict(), single_file.OPEN_CLIP_PREFIX["sd2"]))
+    else:
+        ldm.update(single_file.to_ldm_clip_state_dict(encoders[0].state_dict(), single_file.CLIP_PREFIX["sdxl"]))
+        ldm.update(single_file.to_open_clip_state_dict(encoders[1].state_dict(), single_file.OPEN_CLIP_PREFIX["sdxl"]))
+    assert infer_diffusers_model_type(ldm) == {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}[family]
+    upsampler = {"sd1": "output_blocks.2.1.conv.weight", "sd2": "output_blocks.2.1.conv.weight",
+                 "sdxl": "output_blocks.2.2.conv.weight"}[family]  # fmt: skip
+    assert single_file.UNET_PREFIX + upsampler in ldm
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert set(back) == set(unet.state_dict())
+    assert all(back[k].shape == v.shape for k, v in unet.state_dict().items())
