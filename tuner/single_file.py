@@ -430,7 +430,15 @@ def _text_encoders(path: Path, found: Recognized, checkpoint: dict[str, torch.Te
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
         state.pop("embeddings.position_ids", None)
         state.pop("text_model.embeddings.position_ids", None)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shapes that do not fit the config
+            reason = str(exc).strip().splitlines()[-1].strip()[:200]
+            where = "its tuner.diffusers_config metadata" if found.from_metadata else f"the standard {found.family}"
+            raise TunerError(
+                f"model {str(path)!r}: its {name} does not fit {where} text encoder config ({reason}); the suite "
+                "reads the released SD 1.x / 2.x / SDXL architectures and its own checkpoints"
+            ) from None
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
             raise TunerError(

@@ -188,6 +188,19 @@ def test_missing_tokenizer_names_the_file_and_the_fix(checkpoints, tmp_path, mon
         load_parts(str(path), tokenizer_from=str(tmp_path / "absent"))
 
 
+def test_a_file_without_the_suites_configs_uses_the_standard_ones(checkpoints, tiny_models, tmp_path):
+    """A community checkpoint carries no configs: the released architecture's are used, and a file that does
+    not fit them (here: a tiny model without its metadata) is refused in one message."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "community.safetensors"
+    save_file(load_file(str(checkpoints["sd1"])), str(path), metadata={"format": "pt"})
+    found = single_file.recognize(path)
+    assert not found.from_metadata and found.configs["unet"]["cross_attention_dim"] == 768
+    with pytest.raises(TunerError, match=r"community\.safetensors.*does not fit the standard sd1"):
+        single_file.load_pipeline(path, str(tiny_models["sd1"]))
+
+
 def test_transformer_single_files_are_refused_clearly(tmp_path):
     path = tmp_path / "flux1-dev.safetensors"
     save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2)}, str(path))
@@ -200,7 +213,11 @@ def test_full_size_layouts_round_trip_through_diffusers_converters(family):
     """On the meta device (no weights): a full-size SD1.5 / SD2.1 / SDXL written by the suite has the key names
     diffusers recognizes the family by, and diffusers' own converters map every tensor back."""
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, infer_diffusers_model_type
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_open_clip_checkpoint,
+        infer_diffusers_model_type,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     configs = single_file.standard_configs(family, "v_prediction" if family == "sd2" else "epsilon")
@@ -225,3 +242,13 @@ def test_full_size_layouts_round_trip_through_diffusers_converters(family):
     back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
     assert set(back) == set(unet.state_dict())
     assert all(back[k].shape == v.shape for k, v in unet.state_dict().items())
+    if family != "sd1":  # OpenCLIP: q/k/v fused and split again, the projection transposed and back
+        prefix = single_file.OPEN_CLIP_PREFIX[family]
+        back = {
+            k.removeprefix("text_model."): v
+            for k, v in convert_open_clip_checkpoint(encoders[-1], ldm, prefix).items()
+        }
+        expected = {k.removeprefix("text_model."): v for k, v in encoders[-1].state_dict().items()}
+        expected.pop("embeddings.position_ids", None)
+        assert set(back) == set(expected)
+        assert all(back[k].shape == v.shape for k, v in expected.items())
