@@ -137,7 +137,8 @@ def _snippet(load: str, base: str | None, prompt: str, family: str = "") -> str:
             f'dtype = {half} if device == "cuda" else torch.float32']  # fmt: skip
     where = "base" if base is None else json.dumps(base)
     # Whatever local base the load line names (a folder, `builtin:...`) is the base of this card.
-    load = re.sub(r"([\"'])(?:/|~|builtin:)[^\"']*\1", lambda m: where, load)
+    # (`snapshot_download(...) + "/sub"`, written by `localize`, is a repo path, not a local one.)
+    load = re.sub(r"(?<!\+ )([\"'])(?:/|~|[A-Za-z]:\\|builtin:)[^\"']*\1", lambda m: where, load)
     auto = f"AutoPipelineForText2Image.from_pretrained({where}"
     if re.search(r"^\s*pipe\s*=", load, re.M):
         body = [load, "pipe = pipe.to(device)"]

@@ -504,3 +504,25 @@ def test_settings_table_lists_only_what_the_method_used(run_dir, hub_env):
     (run_dir / "config.json").write_text(json.dumps(config))
     text = hub.build_model_card(run_dir, repo_id="me/sks-dog").text
     assert "| text encoder lr | 5e-05 |" in text and "| lora.text_encoder_target_modules | attn |" in text
+
+
+def test_component_snippets_name_the_base_not_a_local_path(tmp_path, hub_env):
+    run = tmp_path / "dec"
+    (run / "vae").mkdir(parents=True)
+    (run / "vae" / "config.json").write_text("{}")
+    save_file({"w": torch.ones(2)}, str(run / "vae.safetensors"))
+    source = tmp_path / "converted" / "micro"  # the folder a built-in or single-file base was loaded from
+    files = [
+        ArtifactFile("vae", "diffusers-autoencoderkl", f'vae = AutoencoderKL.from_pretrained("{run}/vae"); '
+                     f'pipe = DiffusionPipeline.from_pretrained("{source}", vae=vae)', ["diffusers"]),
+        ArtifactFile("vae.safetensors", "ldm-vae-safetensors",
+                     f'vae = AutoencoderKL.from_single_file("{run}/vae.safetensors", config="{run}/vae")',
+                     ["diffusers"]),
+    ]  # fmt: skip
+    Artifact("decoder", "sd1", "builtin:micro", files).write(run)
+    local = hub.build_model_card(run).text
+    assert "DiffusionPipeline.from_pretrained(base, vae=vae)" in local and str(tmp_path) not in local
+    assert 'from_single_file("dec/vae.safetensors", config="dec/vae")' in local
+    named = hub.build_model_card(run, repo_id="me/vae", base_model="org/micro").text
+    assert 'DiffusionPipeline.from_pretrained("org/micro", vae=vae)' in named and "base =" not in named
+    assert 'snapshot_download("me/vae", allow_patterns=["vae/*"]) + "/vae")' in named
