@@ -355,7 +355,7 @@ def load_pipeline(path: str | Path, tokenizer_from: str | None = None, torch_dty
     prefixes = (*CLIP_PREFIX.values(), *OPEN_CLIP_PREFIX.values())
     with safe_open(str(path), framework="pt") as f:  # only the text encoders' tensors: the rest is diffusers'
         checkpoint = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}  # noqa: SIM118
-    encoders = _text_encoders(path, found, checkpoint)
+    encoders = [encoder.to(torch_dtype) for encoder in _text_encoders(path, found, checkpoint)]
     del checkpoint
     for name, tokenizer, encoder in zip(encoder_names, tokenizers, encoders):
         rows = encoder.get_input_embeddings().weight.shape[0]
@@ -422,8 +422,11 @@ def _text_encoders(path: Path, found: Recognized, checkpoint: dict[str, torch.Te
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def build(name: str, cls) -> Any:
+        from accelerate import init_empty_weights
+
         config = {k: v for k, v in found.configs[name].items() if k not in ("architectures", "_name_or_path")}
-        return cls(CLIPTextConfig(**config))
+        with init_empty_weights():  # parameters come from the file (`assign=True` below); buffers are real
+            return cls(CLIPTextConfig(**config))
 
     def fill(model: Any, state: dict[str, torch.Tensor], name: str) -> Any:
         if not hasattr(model, "text_model"):  # CLIPTextModel is flat in transformers >= 5.6
@@ -431,7 +434,7 @@ def _text_encoders(path: Path, found: Recognized, checkpoint: dict[str, torch.Te
         state.pop("embeddings.position_ids", None)
         state.pop("text_model.embeddings.position_ids", None)
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as exc:  # shapes that do not fit the config
             reason = str(exc).strip().splitlines()[-1].strip()[:200]
             where = "its tuner.diffusers_config metadata" if found.from_metadata else f"the standard {found.family}"
