@@ -284,11 +284,15 @@ def test_trained_modules_go_back_where_their_keys_say():
 
     from tuner.runtime import place
 
-    parts = SimpleNamespace(unet=nn.Linear(1, 1), vae=nn.Linear(1, 1), text_encoders=[nn.Linear(1, 1)] * 2)
+    family = SimpleNamespace(denoiser_component="transformer")
+    parts = SimpleNamespace(denoiser=nn.Linear(1, 1), vae=nn.Linear(1, 1), text_encoders=[nn.Linear(1, 1)] * 2,
+                            family=family)  # fmt: skip
     wrapper = nn.Linear(2, 2)
     assert place(parts, "text_encoder_2", wrapper) and parts.text_encoders[1] is wrapper
     assert place(parts, "text_encoders.0", wrapper) and parts.text_encoders[0] is wrapper
-    assert place(parts, "unet", wrapper) and parts.denoiser is wrapper
+    assert place(parts, "transformer", wrapper) and parts.denoiser is wrapper  # the pipeline's name for it
+    other = nn.Linear(3, 3)
+    assert place(parts, "denoiser", other) and parts.denoiser is other
     assert not place(parts, "network", wrapper) and not place(parts, "text_encoder_3", wrapper)
 
 

@@ -107,7 +107,7 @@ def test_diffusion_loss_draws_only_from_the_given_generator(sd1_parts):
 
 
 def test_input_perturbation_changes_the_input_not_the_target(sd1_parts):
-    parts = dataclasses.replace(sd1_parts, unet=_ZeroUNet())
+    parts = dataclasses.replace(sd1_parts, denoiser=_ZeroUNet())
     batch = _batch()
     plain = diffusion_loss(parts, batch, LossOptions(), generator=_g(4))
     perturbed = diffusion_loss(parts, batch, LossOptions(input_perturbation=0.5), generator=_g(4))
@@ -117,7 +117,7 @@ def test_input_perturbation_changes_the_input_not_the_target(sd1_parts):
 
 
 def test_snr_gamma_and_prior_weight_reach_the_loss(sd1_parts):
-    parts = dataclasses.replace(sd1_parts, unet=_ZeroUNet())
+    parts = dataclasses.replace(sd1_parts, denoiser=_ZeroUNet())
     batch = _batch()
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(4, 4, 8, 8, generator=g)
@@ -132,7 +132,7 @@ def test_snr_gamma_and_prior_weight_reach_the_loss(sd1_parts):
 
 
 def test_prior_target_replaces_the_class_half(sd1_parts):
-    parts = dataclasses.replace(sd1_parts, unet=_ZeroUNet())
+    parts = dataclasses.replace(sd1_parts, denoiser=_ZeroUNet())
     batch = {**_batch(), "is_prior": torch.tensor([False, False, True, True])}
     g = torch.Generator().manual_seed(6)
     noise = torch.randn(4, 4, 8, 8, generator=g)

@@ -15,6 +15,7 @@ from tuner.export import metadata as md
 from tuner.export.lora_diffusers import diffusers_loadable, peft_weight_name, write_peft_file
 from tuner.export.lora_kohya import write_kohya
 from tuner.export.roundtrip import Check, verify_export
+from tuner.export.sgm_names import UNetLayout
 from tuner.export.state import LoraState, unit_scale
 from tuner.trainer import ArtifactFile
 
@@ -122,7 +123,10 @@ def export_lora(
     peft_tools = PEFT_TOOLS[variant] + (["ComfyUI"] if form != "kohya" and variant == "lora" else [])
     files = [ArtifactFile(peft_path.name, peft_format, peft_load, peft_tools)]
     if form == "kohya":
-        kohya_path = write_kohya(state, out_dir / f"{stem}.safetensors", parts.family.text_encoders, kohya_header)
+        layout = UNetLayout.of(parts.unwrapped(parts.denoiser))  # SDXL files take kohya's SGM module names
+        kohya_path = write_kohya(
+            state, out_dir / f"{stem}.safetensors", parts.family.text_encoders, kohya_header, layout
+        )
         _distinct(kohya_path, peft_path, output_name)
         kohya_in_diffusers = variant == "lora" and uniform_alpha(state)
         if kohya_in_diffusers:

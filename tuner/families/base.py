@@ -71,7 +71,8 @@ class Family:
     kohya_network_module: str = "networks.lora"
     """`ss_network_module` of a plain LoRA of this family (kohya's module that trains it)."""
     lora_file_form: str | None = "kohya"
-    """The second LoRA file A1111/ComfyUI/Forge load: `kohya` (lora_unet_ + diffusers names), `kohya-flux`
+    """The second LoRA file A1111/ComfyUI/Forge load: `kohya` (lora_unet_ + diffusers names; SGM names for
+    SDXL), `kohya-flux`
     (lora_unet_ + BFL names, fused qkv) or None where the diffusers file is what ComfyUI loads (SD3)."""
     lora_presets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Named LoRA target sets of the denoiser, as module-name suffixes (peft's `target_modules`)."""

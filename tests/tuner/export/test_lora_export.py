@@ -207,7 +207,7 @@ def test_sdxl_uses_te1_te2_prefixes_and_text_model_everywhere(tiny_models, tmp_p
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in kohya)
     assert any(k.startswith("lora_te2_text_model_encoder_layers_0_") for k in kohya)
     assert not any(k.startswith("lora_te_") for k in kohya)
-    assert "lora_unet_down_blocks_1_attentions_0_proj_in.alpha" in kohya
+    assert "lora_unet_input_blocks_3_1_proj_in.alpha" in kohya  # SDXL: kohya's original SGM names
     peft = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder.text_model.") for k in peft)
     assert any(k.startswith("text_encoder_2.text_model.") for k in peft)
