@@ -3,7 +3,9 @@
 What differs between families lives in `tuner.families`; this module only loads what a family names.
 
 Everything goes through diffusers' and transformers' own `from_pretrained`, so a local folder and a hub
-id take the same path; offline, a hub id fails with a message instead of a trace.
+id take the same path; offline, a hub id fails with a message instead of a trace. A single-file checkpoint
+(`model.safetensors`, A1111/ComfyUI style) is recognized by its keys and loaded from its converted diffusers
+folder (`tuner.single_file`).
 """
 
 from __future__ import annotations

@@ -252,3 +252,23 @@ def test_full_size_layouts_round_trip_through_diffusers_converters(family):
         expected.pop("embeddings.position_ids", None)
         assert set(back) == set(expected)
         assert all(back[k].shape == v.shape for k, v in expected.items())
+
+
+def test_cli_refusals_are_one_line_without_a_trace(checkpoints, photos, tmp_path, monkeypatch, capsys):
+    """What a user sees from `tuner train --model FILE`: one `error:` line naming the file and the fix."""
+    from tuner.cli import main
+
+    monkeypatch.setitem(single_file.CACHED_TOKENIZERS, "sd1", [[("tuner-tests/absent", "tokenizer")]])
+    monkeypatch.setenv("TUNER_SINGLE_FILE_CACHE", str(tmp_path / "empty-cache"))
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"not read")
+    no_tokenizer = tmp_path / "community.safetensors"
+    no_tokenizer.write_bytes(checkpoints["sd1"].read_bytes())
+    common = ["train", "--data", str(photos), "--set", "method=dreambooth", "--set", "train.max_train_steps=1",
+              "--set", "validation.enabled=false", "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    for model, fix in ((pickle, "to .safetensors"), (no_tokenizer, "model.tokenizer_from")):
+        code = main([*common, "--model", str(model), "--output-dir", str(tmp_path / model.stem)])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert str(model) in line and fix in line
