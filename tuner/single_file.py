@@ -129,6 +129,8 @@ class Recognized:
     prediction_type: str
     configs: dict[str, Any]
     from_metadata: bool
+    prediction_assumed: bool = False
+    """An SD2 file that does not say v or epsilon (no metadata, no `v_pred` key)."""
 
 
 def recognize(path: str | Path) -> Recognized:
@@ -151,12 +153,7 @@ def recognize(path: str | Path) -> Recognized:
     elif spec == "epsilon" or family != "sd2":
         prediction = "epsilon"
     else:
-        prediction = "v_prediction"
-        log.warning(
-            "warning: %s: an SD2 checkpoint that does not say its prediction type; assuming v-prediction "
-            "(the 768 px SD 2.x models). A 512 px SD 2.x base is epsilon: convert it with diffusers instead",
-            path,
-        )
+        prediction = "v_prediction"  # the 768 px SD 2.x models; `load_pipeline` tests the UNet itself
     if configs is None:
         configs = standard_configs(family, prediction)
         in_channels = header.width(UNET_PREFIX + "input_blocks.0.0.weight", 1)
@@ -165,7 +162,8 @@ def recognize(path: str | Path) -> Recognized:
                 f"model {str(path)!r}: a {family} UNet with {in_channels} input channels (an inpainting or other "
                 f"variant model); only the standard {configs['unet']['in_channels']}-channel base can be trained"
             )
-    return Recognized(family, prediction, configs, from_metadata)
+    assumed = not from_metadata and family == "sd2" and not spec and "v_pred" not in keys
+    return Recognized(family, prediction, configs, from_metadata, assumed)
 
 
 def _family_of(path: str | Path, header: Header) -> str:
@@ -390,7 +388,21 @@ def load_pipeline(path: str | Path, tokenizer_from: str | None = None, torch_dty
                 f"model {str(path)!r}: diffusers could not load it as a {found.family} checkpoint with {where} "
                 f"configs ({reason})"
             ) from None
+    if found.prediction_assumed:
+        prediction = "v_prediction" if predicts_v(pipe.unet) else "epsilon"
+        pipe.scheduler.register_to_config(prediction_type=prediction)
+        log.info("%s: an SD2 checkpoint without a prediction type; its UNet behaves as %s", path, prediction)
     return pipe
+
+
+def predicts_v(unet: Any) -> bool:
+    """A1111's test of an SD 2.x UNet (`is_using_v_parameterization_for_sd2`): on a flat input at t=999, an
+    epsilon model predicts about the input, a v model about its negative."""
+    x = torch.ones(1, unet.config.in_channels, 8, 8, dtype=unet.dtype) * 0.5
+    context = torch.ones(1, 77, unet.config.cross_attention_dim, dtype=unet.dtype) * 0.5
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999]), context).sample
+    return (out - x).float().mean().item() < -1
 
 
 def _write_config_folder(folder: Path, configs: dict[str, Any]) -> None:
