@@ -267,15 +267,32 @@ _HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def file_hash(path: Path) -> str:
-    """sha256 of the file (memoized by path, size and mtime within the process)."""
+    """sha256 of the file, remembered by path, size and mtime (in the process and in the cache folder's
+    `hashes.json`), so a multi-GB checkpoint is read once, not at every run."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
+    if key in _HASHES:
+        return _HASHES[key]
+    index_file = cache_root() / "hashes.json"
+    name = f"{key[0]}|{key[1]}|{key[2]}"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    if name not in index:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
+        index[name] = digest.hexdigest()
+        try:  # best effort: a lost race only costs another read of the file
+            index_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index_file.with_name(f".hashes-{os.getpid()}.json")
+            tmp.write_text(json.dumps(index, indent=0), encoding="utf-8")
+            os.replace(tmp, index_file)
+        except OSError:
+            pass
+    _HASHES[key] = index[name]
     return _HASHES[key]
 
 
