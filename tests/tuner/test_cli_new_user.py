@@ -144,3 +144,34 @@ def test_train_ends_with_where_everything_is_how_to_load_and_publish(photos, tmp
     assert "pipe = DiffusionPipeline.from_pretrained(" in summary and "pipe.load_lora_weights(" in summary
     assert f"Publish it: tuner publish {run} --repo-id" in summary
     assert len(list((run / "cache" / "class_images").glob("*.png"))) == 1
+
+
+# --- pip install . without -e -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # builds the wheel: about 10 s (pip sets up the build backend)
+def test_the_wheel_carries_the_presets_and_the_builtin_model(tmp_path):
+    """What `tuner demo` needs from an installed wheel (CI runs the demo itself from one: .ci/run)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if built.returncode and "hatchling" in built.stderr and "No matching distribution" in built.stderr:
+        pytest.skip("the build backend (hatchling) cannot be installed here")
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("ldm_tuner-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for info in list_presets(include_stages=True):
+        assert f"tuner/_presets/{info.method}/{info.name}.toml" in names
+    shipped = [
+        p.relative_to(root).as_posix() for p in (root / "tuner" / "micro" / "weights").rglob("*") if p.is_file()
+    ]
+    assert shipped and set(shipped) <= names  # the whole built-in micro model
+    assert {"tuner/micro/render.py", "tuner/demo.py", "trainers/dreambooth.py"} <= names  # the demo renders its photos
+    assert not [n for n in names if ".tuner-cache" in n or n.endswith(".pyc") or n.startswith("tests/")]
