@@ -39,9 +39,10 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 CONFIG_KEY = "tuner.diffusers_config"
 """safetensors metadata key holding the diffusers configs of the components (written by the suite)."""
-ROUND_TRIP_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+ROUND_TRIP_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 """Largest |difference| of UNet outputs between the trained UNet and the reloaded file, relative to the
-largest |output|: exact up to kernel noise in fp32, and the rounding of the stored dtype otherwise."""
+largest |output|: exact up to kernel noise in fp32 (measured 1e-6 on the tiny models), and the rounding of the
+stored dtype otherwise (measured 6e-4 in fp16, 8e-3 in bf16); a misplaced tensor gives differences of order 1."""
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
