@@ -272,3 +272,20 @@ def test_cli_refusals_are_one_line_without_a_trace(checkpoints, photos, tmp_path
         assert code == 1 and "Traceback" not in err
         (line,) = [line for line in err.splitlines() if line.startswith("error:")]
         assert str(model) in line and fix in line
+
+
+def test_a_checkpoint_that_does_not_reproduce_the_unet_fails_the_check(tiny_models, tmp_path):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from tuner.models import Parts
+
+    parts = Parts.from_pipeline(DiffusionPipeline.from_pretrained(tiny_models["sd1"]), str(tiny_models["sd1"]))
+    path = single_file.save_checkpoint(parts, tmp_path / "ok.safetensors", torch.float16)
+    assert single_file.check_checkpoint(parts.denoiser, path, torch.float16) < 1e-2
+    tensors, meta = load_file(str(path)), single_file.read_header(path).metadata
+    q, k = (f"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_{n}.weight" for n in "qk")
+    tensors[q], tensors[k] = tensors[k], tensors[q]  # a renaming slip that keeps every shape
+    save_file(tensors, str(tmp_path / "swapped.safetensors"), metadata=meta)
+    with pytest.raises(TunerError, match=r"swapped\.safetensors.*predicts differently"):
+        single_file.check_checkpoint(parts.denoiser, tmp_path / "swapped.safetensors", torch.float16)
