@@ -112,3 +112,31 @@ def test_a_file_removed_after_the_check_is_a_clear_error(tmp_path, make_config, 
     (tmp_path / "1.png").unlink()
     with pytest.raises(DataError, match=r"1\.png: changed or removed since the data check"):
         list(data.iterate(0))
+
+
+def test_check_data_command_writes_nothing_unless_a_cache_dir_is_named(tmp_path, noise_image, capsys):
+    from tuner.data.check import check_data_main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        noise_image(photos / f"{i}.png", seed=i, caption="x")
+    before = sorted(photos.rglob("*"))
+    assert check_data_main(str(photos), sets=["data.resolution=64"]) == 0
+    assert sorted(photos.rglob("*")) == before  # no .tuner-cache/inspect.json in the user's folder
+    cache = tmp_path / "cache"
+    assert check_data_main(str(photos), sets=["data.resolution=64", f"data.cache_dir={str(cache)!r}"]) == 0
+    assert (cache / "inspect.json").is_file() and sorted(photos.rglob("*")) == before
+    capsys.readouterr()
+
+
+def test_class_images_default_to_a_folder_under_the_run(tmp_path, make_config, noise_image):
+    noise_image(tmp_path / "a.png", seed=1, caption="x")
+    config = make_config(tmp_path, with_prior_preservation=True, class_prompt="a photo of dog", num_class_images=3)
+    config.train.output_dir = str(tmp_path / "run")
+    report = check_data(config)
+    assert report.class_images["folder"] == str(tmp_path / "run" / "cache" / "class_images")
+    assert report.class_images["to_generate"] == 3
+    subsets = [{"path": str(tmp_path), "is_reg": True, "class_tokens": "a photo of dog"}]
+    reg = make_config(tmp_path, with_prior_preservation=True, class_prompt="dog", subsets=subsets)
+    assert check_data(reg).class_images["folder"] is None  # an is_reg subset is the class set: no folder
