@@ -236,7 +236,7 @@ def standard_configs(family: str, prediction: str) -> dict[str, Any]:
     if family == "sd2":
         size = 96 if prediction == "v_prediction" else 64
         unet.update(sample_size=size, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
-                    use_linear_projection=True)  # fmt: skip
+                    use_linear_projection=True, upcast_attention=prediction == "v_prediction")  # fmt: skip
         open_clip_h = {**clip_l, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
                        "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512}  # fmt: skip
         scheduler = {"_class_name": "DDIMScheduler", **_BETAS, "steps_offset": 1, "set_alpha_to_one": False,

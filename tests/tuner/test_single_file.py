@@ -289,3 +289,19 @@ def test_a_checkpoint_that_does_not_reproduce_the_unet_fails_the_check(tiny_mode
     save_file(tensors, str(tmp_path / "swapped.safetensors"), metadata=meta)
     with pytest.raises(TunerError, match=r"swapped\.safetensors.*predicts differently"):
         single_file.check_checkpoint(parts.denoiser, tmp_path / "swapped.safetensors", torch.float16)
+
+
+def test_sd2_prediction_type_test_follows_a1111():
+    """An SD2 file that does not say v or epsilon: the UNet's answer on a flat input at t=999 decides."""
+    from types import SimpleNamespace
+
+    class Unet(torch.nn.Module):
+        def __init__(self, sign):
+            super().__init__()
+            self.sign, self.dtype = sign, torch.float32
+            self.config = SimpleNamespace(in_channels=4, cross_attention_dim=8)
+
+        def forward(self, x, t, context):
+            return SimpleNamespace(sample=self.sign * 4 * x)
+
+    assert single_file.predicts_v(Unet(-1)) and not single_file.predicts_v(Unet(1))
