@@ -160,6 +160,8 @@ class DreamBoothTrainer(Trainer):
             return artifact
         from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+        from tuner import single_file
+
         unet = parts.unwrapped(parts.denoiser)
         base = self.config.model.pretrained_model_name_or_path
         save_format = self.method_config.save_format
@@ -168,10 +170,14 @@ class DreamBoothTrainer(Trainer):
             target = out_dir / "unet"
             unet.save_pretrained(target, safe_serialization=True)
             _check_same_unet(unet, UNet2DConditionModel.from_pretrained(target))
-            load = (
-                f'unet = UNet2DConditionModel.from_pretrained("{target}"); '
-                f'pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet)'
-            )
+            base_pipe = f'DiffusionPipeline.from_pretrained("{base}", unet=unet)'
+            if single_file.is_single_file(base):  # a single-file base loads as one, configured by its family
+                cls, config = (
+                    single_file.PIPELINE_CLASS[parts.family.name],
+                    single_file.TOKENIZER_HINT[parts.family.name],
+                )
+                base_pipe = f'{cls}.from_single_file("{base}", config="{config}", unet=unet)'
+            load = f'unet = UNet2DConditionModel.from_pretrained("{target}"); pipe = {base_pipe}'
             files.append(ArtifactFile(str(target.relative_to(out_dir)), "diffusers-unet", load, ["diffusers"]))
         if save_format in ("pipeline", "both"):
             target = out_dir / "pipeline"
