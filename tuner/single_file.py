@@ -739,26 +739,30 @@ def check_checkpoint(unet: Any, path: str | Path, dtype: torch.dtype) -> float:
         except Exception as exc:  # noqa: BLE001 - any loader failure is an unusable export
             raise TunerError(f"export check failed: diffusers cannot load {path} ({exc})") from exc
     config = unet.config
-    device = next(unet.parameters()).device
+    first = next(unet.parameters())
+    device, unet_dtype = first.device, first.dtype
+    reloaded.to(device, unet_dtype)  # the same device and dtype run the same kernels (GPU TF32 convs included)
     gen = torch.Generator().manual_seed(0)
     size = 8
     sample = torch.randn(1, config.in_channels, size, size, generator=gen)
     context = torch.randn(1, 7, config.cross_attention_dim, generator=gen)
-    t = torch.tensor([500])
     kwargs: dict[str, Any] = {}
     if config.addition_embed_type == "text_time":
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=gen),
                                        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}  # fmt: skip
+    to = lambda x: x.to(device, unet_dtype)  # noqa: E731
+    sample, context, t = to(sample), to(context), torch.tensor([500], device=device)
+    kwargs = {k: {n: to(v) for n, v in d.items()} for k, d in kwargs.items()}
     training = unet.training
     unet.eval()
-    with torch.no_grad():
-        unet_dtype = next(unet.parameters()).dtype
-        to = lambda x: x.to(device, unet_dtype)  # noqa: E731
-        cond = {k: {n: to(v) for n, v in d.items()} for k, d in kwargs.items()}
-        expected = unet(to(sample), t.to(device), to(context), **cond).sample.float().cpu()
-        got = reloaded(sample, t, context, **kwargs).sample.float()
-    unet.train(training)
+    try:
+        with torch.no_grad():
+            expected = unet(sample, t, context, **kwargs).sample.float()
+            got = reloaded(sample, t, context, **kwargs).sample.float()
+    finally:
+        unet.train(training)
+        del reloaded
     diff = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
     allowed = ROUND_TRIP_TOLERANCE.get(dtype, 1e-1)
     if not diff <= allowed:
