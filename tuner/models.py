@@ -113,8 +113,10 @@ def detect_family(source: str, revision: str | None = None) -> tuple[Family, str
 
 
 def check_trainable(name_or_path: str, revision: str | None, capability: str, loss_options: Any) -> Family:
-    """The model's family, after refusing (before any weight loads) a method or loss option it cannot train."""
-    family, _ = detect_family(resolve_model_path(name_or_path), revision)
+    """The model's family, after refusing (before any weight loads) a method or loss option it cannot train.
+    A single-file checkpoint is recognized by its keys here, before it is converted."""
+    source = name_or_path if single_file.is_single_file(name_or_path) else resolve_model_path(name_or_path)
+    family, _ = detect_family(source, revision)
     family.check_method(capability, name_or_path)
     family.objective.check(loss_options)
     return family
