@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -131,14 +132,16 @@ def closing_summary(
     lines = ["", f"{headline} Everything is in {run}"]
     lines += [f"  {(label + ':').ljust(width)} {value}" for label, value in rows]
 
-    loads = [f.load for f in artifact.files if f.load]
+    loads = [f.load for f in artifact.files if "pipe" in f.load or ".from_" in f.load]  # models, not metrics.json
     if loads:
-        lines += ["", "Load it in diffusers:", "  from diffusers import DiffusionPipeline"]
-        if not any("pipe = " in line for line in loads[:1]):
-            lines.append(f'  pipe = DiffusionPipeline.from_pretrained("{_base_path(artifact.base_model)}")')
-        lines.append(f"  {loads[0]}")
-        lines += [f"  # or: {line}" for line in loads[1:]]
-        prompt = prompt or artifact.instance_prompt
+        code = [f"  {loads[0]}"] + [f"  # or: {line}" for line in loads[1:]]
+        if "pipe = " not in loads[0]:
+            code.insert(0, f'  pipe = DiffusionPipeline.from_pretrained("{_base_path(artifact.base_model)}")')
+        classes = sorted(set(re.findall(r"\b([A-Z]\w+)\.from_", "\n".join(code))))
+        modules = sorted(set(re.findall(r"\b(safetensors\.torch)\.", "\n".join(code))))
+        lines += ["", "Load it in diffusers:", f"  from diffusers import {', '.join(classes)}"]
+        lines += [f"  import {module}" for module in modules] + code
+        prompt = (prompt or artifact.instance_prompt or "").replace("{token}", artifact.trigger or "")
         size = size or _resolution(run)
         if prompt:
             shape = f", height={size}, width={size}" if size else ""

@@ -355,6 +355,10 @@ def test_preset_header_command_runs_as_written(info, tiny_models, photos, tmp_pa
     assert main(args) == 0, " ".join(args)
     printed = capsys.readouterr().out
     assert "3 steps × batch 1" in printed  # the loop's summary of the resolved config
+    summary = printed[printed.index("Done. Everything is in") :]  # the run ends with where things are
+    code = summary.split("Load it in diffusers:\n", 1)[1].split("\n\n", 1)[0]
+    compile("\n".join(line[2:] for line in code.splitlines()), "load snippet", "exec")  # runnable as printed
+    assert "Publish it: tuner publish " in summary
     out = Path(argv[argv.index("--output-dir") + 1]) if "--output-dir" in argv else Path("runs/latest")
     out = tmp_path / Path(str(out).replace("/tmp/micro/", f"{tmp_path}/micro/"))
     artifact = json.loads((out / "artifact.json").read_text())
