@@ -400,6 +400,9 @@ def resolve(
         logger.info("preset %s: %d GB tier (%s): %s", preset.info.name, tier, picked, shown)
     has_data = bool(config.data.path or config.data.subsets)
     if has_data:
+        from tuner.data.check import check_paths
+
+        check_paths(config)  # a mistyped folder is not counted (nor looked up on the hub as a dataset id)
         check_required(preset, config)
         check_family(preset, config)
     if preset.scaling is None:

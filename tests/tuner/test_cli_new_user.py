@@ -79,10 +79,14 @@ def test_a_mistyped_builtin_name_suggests_the_builtin_ones(photos, tmp_path, no_
     assert "built-in models: builtin:micro" in err
 
 
+@pytest.mark.parametrize("preset", ["micro-subject-lora", "style-lora-sd15"])  # the second counts images to scale
 @pytest.mark.parametrize("data", ["missing/", "photoz", "/no/such/place"])
-def test_a_missing_data_folder_is_reported_before_any_model_loads(data, tmp_path, no_model_loads, capsys, monkeypatch):
+def test_a_missing_data_folder_is_reported_before_any_model_loads(
+    preset, data, tmp_path, no_model_loads, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--preset", "micro-subject-lora", "--data", data]) == 1
+    monkeypatch.setattr("tuner.data.sources.load_hf_dataset", lambda *a: pytest.fail("looked up on the hub"))
+    assert main(["train", "--preset", preset, "--data", data]) == 1
     err = capsys.readouterr().err
     assert f"data.path = {data!r}: no such folder" in err and "Traceback" not in err
 
