@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,30 +160,36 @@ def _snippet(load: str, base: str | None, prompt: str, family: str = "") -> str:
     return "\n".join([*imports, "", code])
 
 
-# Method fields that mean nothing unless a switch of the same table is on: (switch, fields).
-INACTIVE_FIELDS = {
-    "dreambooth": (("lora", ("rank", "alpha")), ("train_text_encoder", ("text_encoder_steps",))),
-    "textual_inversion": (("pivotal", ("pivotal_ti_steps", "pivotal_embedding_mode", "pivotal_embedding_lr_scale")),),
-    "lora": (("train_text_encoder", ("text_encoder_target_modules",)),),
+# Method fields the run's own settings left unused, by method: field -> "unused when" (of the method table).
+UNUSED_FIELDS: dict[str, dict[str, Callable[[dict[str, Any]], bool]]] = {
+    "dreambooth": {
+        "rank": lambda t: not t.get("lora"),
+        "alpha": lambda t: not t.get("lora"),
+        "text_encoder_steps": lambda t: not t.get("train_text_encoder"),
+        "save_format": lambda t: bool(t.get("lora")),
+        "single_file_dtype": lambda t: bool(t.get("lora")) or t.get("save_format") not in ("single_file", "both"),
+    },
+    "textual_inversion": {
+        name: lambda t: not t.get("pivotal")
+        for name in ("pivotal_ti_steps", "pivotal_embedding_mode", "pivotal_embedding_lr_scale", "lora")
+    },
+    "lora": {"text_encoder_target_modules": lambda t: not t.get("train_text_encoder")},
 }
-NESTED_TABLE_SWITCH = {"textual_inversion": "pivotal"}  # a nested table (textual_inversion.lora) is used when on
 
 
 def _method_rows(method: str, table: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The run's own method table only: fields its switches leave unused are left out, nested tables shown
-    (flattened) only when the method uses them."""
-    inactive = {f for switch, fields in INACTIVE_FIELDS.get(method, ()) if not table.get(switch) for f in fields}
+    """The run's own method table only, without the fields its switches left unused; a nested table the method
+    used (textual_inversion.lora with pivotal tuning) is flattened."""
+    unused = UNUSED_FIELDS.get(method, {})
     rows: list[tuple[str, Any]] = []
     for key, value in table.items():
-        if key in inactive or value in ({}, None, []):
+        if value in ({}, None, []) or (key in unused and unused[key](table)):
             continue
         if isinstance(value, dict):
-            if table.get(NESTED_TABLE_SWITCH.get(method, ""), False):
-                nested = _method_rows(key, value)
-                rows += [(f"{key}.{k}", v) for k, v in nested if not isinstance(v, dict)]
-            continue
-        rows.append((key, value))
-    return [(f"{method}.{k}", v) for k, v in rows]
+            rows += [(f"{method}.{k}", v) for k, v in _method_rows(key, value)]
+        else:
+            rows.append((f"{method}.{key}", value))
+    return rows
 
 
 def _trains_text_encoder(table: dict[str, Any]) -> bool:

@@ -526,3 +526,22 @@ def test_component_snippets_name_the_base_not_a_local_path(tmp_path, hub_env):
     named = hub.build_model_card(run, repo_id="me/vae", base_model="org/micro").text
     assert 'DiffusionPipeline.from_pretrained("org/micro", vae=vae)' in named and "base =" not in named
     assert 'snapshot_download("me/vae", allow_patterns=["vae/*"]) + "/vae")' in named
+
+
+def test_method_rows_leave_out_what_the_settings_did_not_use():
+    from tuner.model_card import _method_rows
+
+    db_lora = {"lora": True, "rank": 4, "save_format": "pipeline", "single_file_dtype": "fp16",
+               "train_text_encoder": False, "text_encoder_steps": 3}  # fmt: skip
+    assert _method_rows("dreambooth", db_lora) == [
+        ("dreambooth.lora", True), ("dreambooth.rank", 4), ("dreambooth.train_text_encoder", False)
+    ]  # fmt: skip
+    full = {"lora": False, "rank": 4, "save_format": "both", "single_file_dtype": "bf16"}
+    assert [k for k, _ in _method_rows("dreambooth", full)] == [
+        "dreambooth.lora", "dreambooth.save_format", "dreambooth.single_file_dtype"
+    ]  # fmt: skip
+    pivotal = {"pivotal": True, "num_vectors": 2, "lora": {"rank": 4, "rank_pattern": {}}}
+    assert _method_rows("textual_inversion", pivotal)[-1] == ("textual_inversion.lora.rank", 4)
+    assert [k for k, _ in _method_rows("textual_inversion", {**pivotal, "pivotal": False})] == [
+        "textual_inversion.pivotal", "textual_inversion.num_vectors"
+    ]  # fmt: skip
