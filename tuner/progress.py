@@ -117,7 +117,10 @@ def closing_summary(
     from tuner.trainer import Artifact
 
     run = Path(run_dir).resolve()
-    artifact = Artifact.read(run)
+    try:
+        artifact = Artifact.read(run)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # the run itself succeeded: say where it is anyway
+        return f"\n{headline} Everything is in {run} (artifact.json unreadable: {exc})"
     rows = list(details or [])
     for f in artifact.files:
         tools = f" ({', '.join(f.tools)})" if f.tools else ""
