@@ -317,10 +317,15 @@ class DecoderTrainer(Trainer):
         exported = self._export_vae(parts)
         folder, single = out_dir / "vae", out_dir / cfg.single_file_name
         exported.save_pretrained(folder, safe_serialization=True)
+        from tuner.public import public_base_model
+
+        shared = self.config.public_dict()  # a file header travels: no local paths in it
         metadata = {
             "tuner_method": self.name,
-            "tuner_base_model": self.config.model.pretrained_model_name_or_path,
-            "tuner_config": json.dumps(self.config.to_dict(), ensure_ascii=False),
+            "tuner_base_model": public_base_model(
+                self.config.model.pretrained_model_name_or_path, self.config.hub.base_model
+            ),  # fmt: skip
+            "tuner_config": json.dumps(shared, ensure_ascii=False),
         }
         save_single_file(exported, single, metadata)
         # Reference: the exported model (trained weights + the frozen parts exactly as stored), fp32 on the CPU.

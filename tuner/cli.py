@@ -191,8 +191,10 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tuner.export.convert import export
+    from tuner.public import normal_mode
 
     path = export(args.input, args.to, args.out, model=args.model, scale=args.scale, name=args.name)
+    normal_mode(path)  # safetensors writes 0600; an exported file is for other tools and users to read
     print(f"wrote {path}")
     return 0
 
