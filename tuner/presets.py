@@ -399,16 +399,17 @@ def resolve(
         shown = ", ".join(f"{k}={v!r}" for k, v in flatten(preset.tiers[tier]).items())
         logger.info("preset %s: %d GB tier (%s): %s", preset.info.name, tier, picked, shown)
     has_data = bool(config.data.path or config.data.subsets)
-    if has_data:
+    counts = preset.scaling is not None and bool(preset.scaling.steps_per_image or preset.scaling.epoch_images)
+    if has_data and counts:
         from tuner.data.check import check_paths
 
         check_paths(config)  # a mistyped folder is not counted (nor looked up on the hub as a dataset id)
+    if has_data:
         check_required(preset, config)
         check_family(preset, config)
     if preset.scaling is None:
         return config
     explicit = {key for _, layer in user_layers for key in flatten(layer)}
-    counts = preset.scaling.steps_per_image or preset.scaling.epoch_images
     images = count_training_images(config) if has_data and counts else None
     scaled = scale(preset.scaling, config, images or None, explicit)
     if images is None:
