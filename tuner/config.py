@@ -111,7 +111,8 @@ class DataConfig(Section):
     with_prior_preservation: bool = False
     """DreamBooth prior preservation: add a class set and a prior loss."""
     class_data_dir: str | None = None
-    """Folder of class images; missing ones are generated with the base pipeline and cached there."""
+    """Folder of class images; missing ones are generated with the base pipeline and cached there. Default:
+    `<output_dir>/cache/class_images` (never uploaded by `tuner publish`)."""
     class_prompt: str | None = None
     """Prompt of the class set ("a photo of dog")."""
     num_class_images: int = Field(100, ge=1)
