@@ -71,7 +71,11 @@ def run_demo(output_dir: str | Path = "tuner-demo", model: str | None = None, st
     sets = [f"train.max_train_steps={steps}"] if steps else []
     overrides = {
         "model": {"pretrained_model_name_or_path": model},
-        "data": {"path": str(photos), "class_data_dir": str(out / "cache" / "class_images"), "cache_dir": str(out / "cache")},
+        "data": {
+            "path": str(photos),
+            "class_data_dir": str(out / "cache" / "class_images"),
+            "cache_dir": str(out / "cache"),
+        },
         "train": {"output_dir": str(out)},
     }
     config = load_config(preset=PRESET, sets=sets, overrides=overrides)
