@@ -152,7 +152,7 @@ def main() -> None:
         "memory, `runtime.free_text_encoders`); the memory columns measure what dropping it is worth by dropping "
         "it before the first step in a child process (resident set sampled after every step). On FLUX.1-dev T5-XXL "
         "is 9.5 GB in bf16 beside a 23.8 GB transformer; here T5 is about a fifth of the process. "
-        f"At `--t5-width 512` (the default) T5 is too small to show: 0.99.",
+        "At `--t5-width 512` (the default) T5 is too small to show: 0.99.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(json.dumps({"written": args.out}))
