@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -366,8 +367,11 @@ def test_flux_lora_sigkill_then_resume_is_bitwise_identical_and_ddp_matches(tiny
         pytest.skip("accelerate CLI not installed next to this python")
     one = run_cli(table(tmp_path / "one", batch=4), tmp_path, env={"TUNER_TEST_PER_EXAMPLE_NOISE": "1"})
     assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as sock:  # a port of its own: test workers run side by side
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     launcher = [str(accelerate), "launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]  # fmt: skip
     two = run_cli(table(tmp_path / "two"), tmp_path, env={"TUNER_TEST_PER_EXAMPLE_NOISE": "1"}, launcher=launcher)
     assert two.returncode == 0, two.stderr[-4000:]
     a, b = lora(tmp_path / "one"), lora(tmp_path / "two")

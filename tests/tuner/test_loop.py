@@ -91,6 +91,14 @@ def run_cli(config: dict, tmp: Path, *args: str, env: dict | None = None, launch
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
 
 
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def trained(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "unet_trained.safetensors"))
 
@@ -263,8 +271,21 @@ def test_two_process_cpu_run_matches_one_process(tiny_models, images, tmp_path):
     double = make_config(tiny_models["sd1"], images, tmp_path / "two", **per_example)
     # accelerate 1.15 starts one process for `--cpu --num_processes 2` (it needs mpirun for more); `--multi_gpu`
     # starts two, and on a machine without CUDA the loop joins them over gloo on the CPU.
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--multi_gpu",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    launcher = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--num_processes",
+        "2",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        free_port(),
+    ]  # fmt: skip  (a port of its own: test workers run side by side)
     result = run_cli(double, tmp_path, launcher=launcher)
     assert result.returncode == 0, result.stderr[-4000:]
     two = tmp_path / "two"
