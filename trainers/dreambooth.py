@@ -195,6 +195,7 @@ class DreamBoothTrainer(Trainer):
         import re
 
         from tuner import single_file
+        from tuner.export import ldm_checkpoint
         from tuner.export.metadata import architecture, modelspec
 
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
@@ -206,8 +207,8 @@ class DreamBoothTrainer(Trainer):
             parts.family, parts.prediction_type, name, self.config.data.resolution, self._identifier(), adapter="x"
         )
         spec["modelspec.architecture"] = architecture(parts.family, parts.prediction_type, "x").rsplit("/", 1)[0]
-        single_file.save_checkpoint(parts, target, dtype, spec)
-        single_file.check_checkpoint(parts.unwrapped(parts.denoiser), target, dtype)
+        ldm_checkpoint.save_checkpoint(parts, target, dtype, spec)
+        ldm_checkpoint.check_checkpoint(parts.unwrapped(parts.denoiser), target, dtype)
         pipeline_class = single_file.PIPELINE_CLASS[parts.family.name]
         # `config`: the base's own folder or hub id (for a single-file base, the family's standard hub repo).
         base = self.config.model.pretrained_model_name_or_path

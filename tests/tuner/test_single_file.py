@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from tuner import single_file
 from tuner.config import build_config
 from tuner.errors import TunerError
+from tuner.export import ldm_checkpoint
 from tuner.loop import train
 from tuner.micro.render import render_set
 from tuner.models import detect_family, load_parts
@@ -226,15 +227,21 @@ def test_full_size_layouts_round_trip_through_diffusers_converters(family):
         encoders = [CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))]
         if family == "sdxl":
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
-    unet_ldm = single_file.to_ldm_unet_state_dict(unet.state_dict(), unet.config)
+    unet_ldm = ldm_checkpoint.to_ldm_unet_state_dict(unet.state_dict(), unet.config)
     ldm = {single_file.UNET_PREFIX + k: v for k, v in unet_ldm.items()}
     if family == "sd1":
-        ldm.update(single_file.to_ldm_clip_state_dict(encoders[0].state_dict(), single_file.CLIP_PREFIX["sd1"]))
+        clip = single_file.CLIP_PREFIX["sd1"]
+        ldm.update(ldm_checkpoint.to_ldm_clip_state_dict(encoders[0].state_dict(), clip))
     elif family == "sd2":
-        ldm.update(single_file.to_open_clip_state_dict(encoders[0].state_dict(), single_file.OPEN_CLIP_PREFIX["sd2"]))
+        ldm.update(
+            ldm_checkpoint.to_open_clip_state_dict(encoders[0].state_dict(), single_file.OPEN_CLIP_PREFIX["sd2"])
+        )
     else:
-        ldm.update(single_file.to_ldm_clip_state_dict(encoders[0].state_dict(), single_file.CLIP_PREFIX["sdxl"]))
-        ldm.update(single_file.to_open_clip_state_dict(encoders[1].state_dict(), single_file.OPEN_CLIP_PREFIX["sdxl"]))
+        clip = single_file.CLIP_PREFIX["sdxl"]
+        ldm.update(ldm_checkpoint.to_ldm_clip_state_dict(encoders[0].state_dict(), clip))
+        ldm.update(
+            ldm_checkpoint.to_open_clip_state_dict(encoders[1].state_dict(), single_file.OPEN_CLIP_PREFIX["sdxl"])
+        )
     assert infer_diffusers_model_type(ldm) == {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}[family]
     upsampler = {"sd1": "output_blocks.2.1.conv.weight", "sd2": "output_blocks.2.1.conv.weight",
                  "sdxl": "output_blocks.2.2.conv.weight"}[family]  # fmt: skip
@@ -281,14 +288,14 @@ def test_a_checkpoint_that_does_not_reproduce_the_unet_fails_the_check(tiny_mode
     from tuner.models import Parts
 
     parts = Parts.from_pipeline(DiffusionPipeline.from_pretrained(tiny_models["sd1"]), str(tiny_models["sd1"]))
-    path = single_file.save_checkpoint(parts, tmp_path / "ok.safetensors", torch.float16)
-    assert single_file.check_checkpoint(parts.denoiser, path, torch.float16) < 1e-2
+    path = ldm_checkpoint.save_checkpoint(parts, tmp_path / "ok.safetensors", torch.float16)
+    assert ldm_checkpoint.check_checkpoint(parts.denoiser, path, torch.float16) < 1e-2
     tensors, meta = load_file(str(path)), single_file.read_header(path).metadata
     q, k = (f"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_{n}.weight" for n in "qk")
     tensors[q], tensors[k] = tensors[k], tensors[q]  # a renaming slip that keeps every shape
     save_file(tensors, str(tmp_path / "swapped.safetensors"), metadata=meta)
     with pytest.raises(TunerError, match=r"swapped\.safetensors.*predicts differently"):
-        single_file.check_checkpoint(parts.denoiser, tmp_path / "swapped.safetensors", torch.float16)
+        ldm_checkpoint.check_checkpoint(parts.denoiser, tmp_path / "swapped.safetensors", torch.float16)
 
 
 def test_sd2_prediction_type_test_follows_a1111():
