@@ -10,6 +10,7 @@ even when the adapter is still small). Everything is compared in fp32 on the CPU
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import Callable, Iterator
@@ -142,6 +143,7 @@ def evaluating(modules: list[nn.Module]) -> Iterator[None]:
 def outputs(parts: Any, probe: Probe) -> dict[str, torch.Tensor]:
     """Per component a pipeline uses: the denoiser's prediction on the probe, and each adaptable text encoder's
     last and penultimate hidden states (T5 never carries an adapter)."""
+    parts = dataclasses.replace(parts, guidance_scale=1.0)  # one embedded guidance for every side of a comparison
     family = parts.family
     denoiser = parts.unwrapped(parts.denoiser)
     encoders = parts.text_encoder_modules(adaptable_only=True)
