@@ -1,4 +1,5 @@
-"""LoRA: low-rank adapters (LoRA, DoRA, LoHa, LoKr via peft) on the UNet and optionally the text encoders.
+"""LoRA: low-rank adapters (LoRA, DoRA, LoHa, LoKr via peft) on the denoiser (a UNet or a transformer, with the
+target sets its family names) and optionally the CLIP text encoders.
 
 The adapter plumbing is public so DreamBooth-LoRA and pivotal tuning reuse it: `inject_lora` (freeze the
 base, inject with peft, return optimizer groups), `set_lora_scale` (0 = base model) and `save_lora`
