@@ -160,8 +160,7 @@ def convert_lora(
         header.setdefault("modelspec.title", target.stem)
         if family.lora_file_form == "kohya-flux":
             fmt, written = "kohya-flux", write_flux_kohya(state, target, header)
-            _same_deltas(state, read_flux_kohya(written))
-            back = None
+            back = read_flux_kohya(written)
         else:
             names = module_names(model, family.text_encoders) if model else None
             layout = UNetLayout.from_paths(names["unet"]) if names else None
@@ -179,8 +178,9 @@ def convert_lora(
         _not_the_input(target, input_path)
         written = write_peft_file(LoraState(state.components, {}), target, header)
         back = read_peft_file(written)
-    if back is not None:
-        same_state(state, back) if source_format != "kohya-flux" else _same_deltas(state, back)
+    if back is not None:  # FLUX.1's BFL form fuses modules: ranks and scales change there, the deltas never do
+        compare = _same_deltas if "kohya-flux" in (source_format, fmt) else same_state
+        compare(state, back)
     if model:
         from tuner.models import resolve_model_path
 
