@@ -1,16 +1,18 @@
-"""DreamBooth: personalize a model from a handful of photos by fine-tuning the UNet (or a LoRA on it).
+"""DreamBooth: personalize a model from a handful of photos by fine-tuning the denoiser (or a LoRA on it).
 
 Without an instance prompt it is plain full fine-tuning on captioned images (how the micro base model trains).
 
 Prior preservation comes from the shared data pipeline: each batch holds instance examples and class
 examples (`is_prior`), whose loss is weighted by `data.prior_loss_weight`. The class targets are either
-class images generated once by the base pipeline, or, image-free, the frozen base UNet's own prediction on
-the class prompt. The text encoder(s) can train throughout or only for the first N steps.
+class images generated once by the base pipeline, or, image-free, the frozen base denoiser's own prediction
+on the class prompt. The text encoder(s) can train throughout or only for the first N steps; the denoiser
+whole or only the blocks `train_blocks` names (the rest stays bitwise the base).
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import logging
 from pathlib import Path
@@ -48,10 +50,15 @@ class DreamBoothConfig(MethodConfig):
     """LoRA rank (with `lora = true`)."""
     alpha: float | None = None
     """LoRA alpha (default: the rank)."""
-    save_format: Literal["pipeline", "unet", "single_file", "both"] = "pipeline"
-    """Full fine-tune output: a whole pipeline folder; only `unet/` (smaller; load it into the base); one
+    save_format: Literal["pipeline", "unet", "transformer", "single_file", "both"] = "pipeline"
+    """Full fine-tune output: a whole pipeline folder; only the denoiser's folder (`unet` or `transformer`, the
+    same choice: the folder takes the model's own component name; smaller, load it into the base); one
     `.safetensors` checkpoint in the original LDM/SGM key names, with VAE and text encoders (loads in A1111,
     Forge, ComfyUI and diffusers' `from_single_file`; SD1/SD2/SDXL); or `both` (pipeline folder and single file)."""
+    train_blocks: Literal["all"] | list[int | str] = "all"
+    """Full fine-tune: which denoiser blocks train. `"all"`, or a list of block indices (the family's block lists
+    numbered one after another: SD3 `transformer_blocks`; FLUX.1 its double-stream `transformer_blocks`, then
+    the single-stream ones) and parameter-name patterns (`"transformer_blocks.1.*"`, `"*.attn.*"`)."""
     single_file_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     """Precision of the tensors in the single-file checkpoint (fp16 is what UIs expect; bf16 keeps the range)."""
     validation_contexts: list[str] = list(CONTEXTS)
@@ -117,8 +124,12 @@ class DreamBoothTrainer(Trainer):
             self.frozen_unet = copy.deepcopy(parts.denoiser).requires_grad_(False).eval()
         lr = self.config.optimizer.learning_rate
         te_lr = self.config.optimizer.text_encoder_lr or lr
-        parts.denoiser.requires_grad_(True)
+        self._check_save_format(parts)
         parts.denoiser.to(torch.float32)
+        chosen = selected_parameters(parts.denoiser, parts.family.block_lists, cfg.train_blocks)
+        parts.denoiser.requires_grad_(False)
+        for _, param in chosen:
+            param.requires_grad_(True)
         trained = [p for p in parts.denoiser.parameters() if p.requires_grad]
         groups = [{"name": "denoiser", "params": trained, "lr": lr}]
         modules: dict[str, Any] = {"denoiser": parts.denoiser}
@@ -158,36 +169,47 @@ class DreamBoothTrainer(Trainer):
             artifact.method, artifact.trigger = self.name, self._identifier() or artifact.trigger
             artifact.extra["lora"] = True
             return artifact
-        from diffusers import DiffusionPipeline, UNet2DConditionModel
+        import diffusers
 
         from tuner import single_file
 
-        unet = parts.unwrapped(parts.denoiser)
+        family = parts.family
+        denoiser = parts.unwrapped(parts.denoiser)
+        component, cls = family.denoiser_component, family.denoiser_class
         base = self.config.model.pretrained_model_name_or_path
         save_format = self.method_config.save_format
         files = []
-        if save_format == "unet":
-            target = out_dir / "unet"
-            unet.save_pretrained(target, safe_serialization=True)
-            _check_same_unet(unet, UNet2DConditionModel.from_pretrained(target))
-            base_pipe = f'DiffusionPipeline.from_pretrained("{base}", unet=unet)'
+        if save_format in ("unet", "transformer"):
+            target = out_dir / component
+            denoiser.save_pretrained(target, safe_serialization=True)
+            _check_same_denoiser(denoiser, getattr(diffusers, cls).from_pretrained(target))
+            base_pipe = f'DiffusionPipeline.from_pretrained("{base}", {component}={component})'
             if single_file.is_single_file(base):  # a single-file base loads as one, configured by its family
-                cls, config = (
-                    single_file.PIPELINE_CLASS[parts.family.name],
-                    single_file.TOKENIZER_HINT[parts.family.name],
-                )
-                base_pipe = f'{cls}.from_single_file("{base}", config="{config}", unet=unet)'
-            load = f'unet = UNet2DConditionModel.from_pretrained("{target}"); pipe = {base_pipe}'
-            files.append(ArtifactFile(str(target.relative_to(out_dir)), "diffusers-unet", load, ["diffusers"]))
+                cls_name, config = single_file.PIPELINE_CLASS[family.name], single_file.TOKENIZER_HINT[family.name]
+                base_pipe = f'{cls_name}.from_single_file("{base}", config="{config}", {component}={component})'
+            load = f'{component} = {cls}.from_pretrained("{target}"); pipe = {base_pipe}'
+            files.append(ArtifactFile(str(target.relative_to(out_dir)), f"diffusers-{component}", load, ["diffusers"]))
         if save_format in ("pipeline", "both"):
             target = out_dir / "pipeline"
             parts.pipeline().save_pretrained(target, safe_serialization=True)
-            _check_same_unet(unet, DiffusionPipeline.from_pretrained(target).unet)
+            _check_same_denoiser(denoiser, getattr(diffusers.DiffusionPipeline.from_pretrained(target), component))
             load = f'pipe = DiffusionPipeline.from_pretrained("{target}")'
             files.append(ArtifactFile(str(target.relative_to(out_dir)), "diffusers-pipeline", load, ["diffusers"]))
         if save_format in ("single_file", "both"):
             files.append(self._save_single_file(parts, out_dir))
         return self.artifact(parts, files, self._identifier())
+
+    def _check_save_format(self, parts: Parts) -> None:
+        """Refuse, before training, an output this family has no writer for (single files: the UNet families)."""
+        from tuner import single_file
+
+        save_format = self.method_config.save_format
+        if save_format in ("single_file", "both") and parts.family.name not in single_file.PIPELINE_CLASS:
+            raise ConfigError(
+                f"dreambooth.save_format = {save_format!r}: no single-file checkpoint writer for "
+                f"{parts.family.name} ({parts.family.pipeline_class}); use 'pipeline' or "
+                f"'{parts.family.denoiser_component}'"
+            )
 
     def _save_single_file(self, parts: Parts, out_dir: Path) -> ArtifactFile:
         """One A1111/Forge/ComfyUI checkpoint (LDM/SGM names, VAE and text encoders included), checked by
@@ -249,11 +271,41 @@ class DreamBoothTrainer(Trainer):
         return identifier_of(data.instance_prompt or "", data.class_prompt, data.token)
 
 
-def _check_same_unet(trained: torch.nn.Module, reloaded: torch.nn.Module) -> None:
-    """The saved UNet must reproduce the trained one exactly (a broken save fails the run, not the user)."""
+def selected_parameters(
+    model: torch.nn.Module, block_lists: tuple[str, ...], selection: str | list[int | str]
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) pairs `dreambooth.train_blocks` picks: all, or the blocks given by index (the family's
+    block lists numbered one after another) or by parameter-name pattern; a pick that matches nothing is refused."""
+    named = list(model.named_parameters())
+    if selection == "all":
+        return named
+    blocks = [f"{name}.{i}" for name in block_lists for i in range(len(getattr(model, name, ())))]
+    patterns = []
+    for item in selection:
+        if isinstance(item, int):
+            if not 0 <= item < len(blocks):
+                known = f"0..{len(blocks) - 1} ({', '.join(block_lists)})" if blocks else "none on this denoiser"
+                raise ConfigError(f"dreambooth.train_blocks: block index {item} does not exist; indices: {known}")
+            patterns.append(f"{blocks[item]}.*")
+        else:
+            patterns.append(item)
+    chosen = []
+    for pattern in patterns:
+        hits = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ConfigError(
+                f"dreambooth.train_blocks: {pattern!r} matches no parameter of the denoiser; parameter names look "
+                f"like {named[0][0]!r}; blocks: {', '.join(blocks[:3]) or '-'}..."
+            )
+        chosen += hits
+    return list({n: (n, p) for n, p in chosen}.values())
+
+
+def _check_same_denoiser(trained: torch.nn.Module, reloaded: torch.nn.Module) -> None:
+    """The saved denoiser must reproduce the trained one exactly (a broken save fails the run, not the user)."""
     trained_state = trained.state_dict()
     worst = 0.0
     for key, value in reloaded.state_dict().items():
         worst = max(worst, (value.float() - trained_state[key].float()).abs().max().item())
     if worst > 0:
-        raise TunerError(f"saved UNet does not match the trained one (max difference {worst:.3g})")
+        raise TunerError(f"saved denoiser does not match the trained one (max difference {worst:.3g})")

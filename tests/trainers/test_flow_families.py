@@ -98,10 +98,6 @@ def test_families_are_detected_with_their_variant(tiny_models, tmp_path):
 def test_an_unsupported_method_is_refused_before_any_weight_loads(tiny_models, subject, tmp_path, family):
     configs_only = tmp_path / "configs-only"  # no weights at all: a refusal must come before loading
     shutil.copytree(tiny_models[family], configs_only, ignore=shutil.ignore_patterns("*.safetensors"))
-    table = run_table(configs_only, subject, tmp_path / "run", method="textual_inversion")
-    table["textual_inversion"] = {"initializer_token": "toy"}
-    with pytest.raises(TunerError, match=r"textual_inversion.*not supported.*Supported here: dreambooth-lora, lora"):
-        train_here(table)
     with pytest.raises(TunerError, match=r"train.snr_gamma.*weighting_scheme"):
         train_here(run_table(configs_only, subject, tmp_path / "run", train={"snr_gamma": 5.0}))
 

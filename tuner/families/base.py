@@ -40,6 +40,16 @@ class TextEncoder:
     max_length: int | None = None
     """Token window; None: the tokenizer's `model_max_length` (CLIP: 77)."""
 
+    @property
+    def takes_new_tokens(self) -> bool:
+        """Whether textual inversion puts new tokens here by default: the CLIP encoders (T5 only when asked)."""
+        return self.model_class.startswith("CLIP")
+
+    @property
+    def embedding_key(self) -> str:
+        """Key of this encoder's vectors in a multi-encoder embedding file (ComfyUI's `embedding_key`)."""
+        return {"CLIP-L": "clip_l", "CLIP-G": "clip_g", "T5": "t5xxl"}.get(self.label, self.label.lower())
+
 
 @dataclass(frozen=True)
 class Family:
@@ -78,6 +88,9 @@ class Family:
     """Named LoRA target sets of the denoiser, as module-name suffixes (peft's `target_modules`)."""
     not_linear_targets: tuple[str, ...] = ()
     """Name fragments `all-linear` leaves out (norms, embedders, the final projection)."""
+    block_lists: tuple[str, ...] = ()
+    """The denoiser's block lists in order (`transformer_blocks`, ...): `dreambooth.train_blocks` numbers their
+    blocks one after another."""
 
     @property
     def text_encoders(self) -> int:
@@ -91,6 +104,12 @@ class Family:
     def check_method(self, capability: str, model: str) -> None:
         """Refuse, before any weight loads, a built-in method this family cannot train, naming what it can.
         (A method registered from outside the suite is the author's to match to a family.)"""
+        if capability in ("textual_inversion", "pivotal") and not any(e.takes_new_tokens for e in self.encoders):
+            raise TunerError(
+                f"model {model!r} is {self.name} ({self.pipeline_class}), whose text encoders "
+                f"({', '.join(e.label for e in self.encoders)}) have no CLIP token embedding to add a word to; "
+                f"method {capability!r} needs one. Use lora or dreambooth-lora with a trigger word instead"
+            )
         if capability in BUILTIN_METHODS and capability not in self.methods:
             raise TunerError(
                 f"model {model!r} is {self.name} ({self.pipeline_class}); method {capability!r} is not supported on "

@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from tuner.families.base import Family, TextEncoder
+from tuner.families.base import BUILTIN_METHODS, Family, TextEncoder
 from tuner.objectives import RectifiedFlow
 
 if TYPE_CHECKING:
     from tuner.models import Parts
 
-ADAPTER_METHODS = frozenset({"lora", "dreambooth-lora"})
 _FLOW = RectifiedFlow(patch_size=2)
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
          "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")  # fmt: skip
@@ -123,7 +122,7 @@ _TRANSFORMER: dict[str, Any] = {
     "noise_scheduler_class": "FlowMatchEulerDiscreteScheduler",
     "default_resolution": 1024,
     "latent_channels": 16,
-    "methods": ADAPTER_METHODS,
+    "methods": BUILTIN_METHODS,
     "lora_presets": LORA_PRESETS,
     "not_linear_targets": NOT_LINEAR,
 }
@@ -138,6 +137,7 @@ SD3 = SD3Family(
         TextEncoder("text_encoder_3", tokenizer="tokenizer_3", **_T5),
     ),
     t5_length=256,
+    block_lists=("transformer_blocks",),
     kohya_version="5-large",
     kohya_network_module="networks.lora_sd3",
     lora_file_form=None,
@@ -153,6 +153,7 @@ FLUX = FluxFamily(
         TextEncoder("text_encoder_2", tokenizer="tokenizer_2", **_T5),
     ),
     t5_length=512,
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
     kohya_version="flux1",
     kohya_network_module="networks.lora_flux",
     lora_file_form="kohya-flux",
