@@ -18,7 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from tuner.config import MethodConfig
-from tuner.errors import TunerError
+from tuner.errors import ConfigError, TunerError
 from tuner.families.unet import LORA_PRESETS
 from tuner.losses import LossOptions, diffusion_loss
 from tuner.models import Parts
@@ -174,6 +174,12 @@ def inject_lora(parts: Parts, cfg: LoraConfig, run_config: Any) -> list[dict[str
     denoiser = parts.family.denoiser_component
     config = peft_config(cfg, lora_targets(parts, cfg))
     groups = [{"name": f"{denoiser}_lora", "params": _inject(models[denoiser], config, ADAPTER_NAME), "lr": lr}]
+    if cfg.train_text_encoder and len(models) == 1:
+        labels = ", ".join(spec.label for spec in parts.family.encoders)
+        raise ConfigError(
+            f"{run_config.method}.train_text_encoder = true: the text encoder(s) of {parts.family.pipeline_class} "
+            f"({labels}) take no adapter that its LoRA loaders read; set it to false (the transformer still trains)"
+        )
     if cfg.train_text_encoder:
         te_params = [
             p

@@ -271,10 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument(
         "--family",
-        choices=["sd1", "sd2", "sdxl", "sd3", "flux"],  # tuner.tiny.FAMILIES (not imported: it loads diffusers)
+        # tuner.tiny.FAMILIES (not imported: it loads diffusers)
+        choices=["sd1", "sd2", "sdxl", "sd3", "flux", "zimage"],
         default="sd1",
-        help="sd1, sd2 (v-prediction), sdxl, sd3 (SD3.5-shaped MMDiT, 3 text encoders) or flux (FLUX.1-dev-shaped); "
-        "default: sd1",
+        help="sd1, sd2 (v-prediction), sdxl, sd3 (SD3.5-shaped MMDiT, 3 text encoders), flux (FLUX.1-dev-shaped) "
+        "or zimage (Z-Image-shaped, Qwen3 encoder); default: sd1",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_make_tiny)

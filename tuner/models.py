@@ -96,7 +96,7 @@ def detect_family(source: str, revision: str | None = None) -> tuple[Family, str
     pipeline = index.get("_class_name", "")
     scheduler = _read_json(source, "scheduler/scheduler_config.json", revision)
     prediction = scheduler.get("prediction_type", "epsilon")
-    for name, marker in (("flux", "Flux"), ("sd3", "StableDiffusion3"), ("sdxl", "XL")):
+    for name, marker in (("zimage", "ZImage"), ("flux", "Flux"), ("sd3", "StableDiffusion3"), ("sdxl", "XL")):
         if marker in pipeline:
             family = FAMILIES[name]
             if family.objective.name == "flow_matching":

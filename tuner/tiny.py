@@ -1,10 +1,11 @@
-"""Tiny SD1-, SD2-v-, SDXL-, SD3.5- and FLUX.1-dev-shaped pipelines, built offline with fixed seeds and saved
-as diffusers folders.
+"""Tiny SD1-, SD2-v-, SDXL-, SD3.5-, FLUX.1-dev- and Z-Image-shaped pipelines, built offline with fixed seeds and
+saved as diffusers folders.
 
 They have every structural feature of the real families (cross-attention UNet, 8x VAE, CLIP text
 encoder(s), SDXL's pooled embeddings and time ids, SD2's v-prediction and linear projections; SD3's MMDiT
 with qk-norm and three text encoders; Flux's double- and single-stream blocks, rotary position ids, embedded
-guidance and packed latents; 16-channel VAEs with a shift factor; T5 encoders with a tokenizer built in code)
+guidance and packed latents; Z-Image's single-stream blocks with refiners and a Qwen3 encoder behind a chat
+template; 16-channel VAEs with a shift factor; T5 and Qwen tokenizers built in code)
 at widths that train in seconds on a CPU, so tests and CI exercise the real loading, training and export code.
 """
 
@@ -26,13 +27,24 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen3Config,
+    Qwen3Model,
+    T5Config,
+    T5EncoderModel,
+)
 
 from tuner.errors import TunerError
+from tuner.qwen_tokenizer import build_qwen_tokenizer
 from tuner.tokenizer import BASIC_WORDS, build_t5_tokenizer, build_tokenizer
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "zimage")
 _SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
@@ -182,6 +194,29 @@ def build_flux(seed: int, words) -> FluxPipeline:
     )
 
 
+def build_zimage(seed: int, words) -> ZImagePipeline:
+    """Z-Image-shaped: one main block and one noise / one context refiner (32 wide, rotary axes (4, 6, 6)),
+    a two-layer Qwen3 encoder (32 wide, grouped-query attention) whose penultimate states are the captions;
+    FLUX.1's 16-channel VAE; Z-Image-Turbo's static flow shift 3.0."""
+    tokenizer = build_qwen_tokenizer(words)
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+                                          pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    torch.manual_seed(seed + 3)
+    transformer = ZImageTransformer2DModel(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+                                           n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6],
+                                           axes_lens=[256, 64, 64])  # fmt: skip
+    return ZImagePipeline(
+        transformer=transformer,
+        vae=tiny_vae(scaling_factor=0.3611, shift_factor=0.1159, latent_channels=16, seed=seed, quant_conv=False),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
 def build_pipeline(family: str, seed: int = 0, words: list[str] | tuple[str, ...] = BASIC_WORDS):
     """A randomly initialized (but seeded) stock diffusers pipeline of `family`."""
     if family not in FAMILIES:
@@ -190,6 +225,8 @@ def build_pipeline(family: str, seed: int = 0, words: list[str] | tuple[str, ...
         return build_sd3(seed, words)
     if family == "flux":
         return build_flux(seed, words)
+    if family == "zimage":
+        return build_zimage(seed, words)
     tokenizer = build_tokenizer(words)
     vocab = len(tokenizer)
     if family == "sdxl":

@@ -1,5 +1,5 @@
-"""The flow-matching transformer families (tiny SD3.5- and FLUX.1-dev-shaped pipelines): family detection and
-refusals, the rectified-flow loss against its definition, LoRA and DreamBooth-LoRA through the shared loop with
+"""The flow-matching transformer families (tiny SD3.5-, FLUX.1-dev- and Z-Image-shaped pipelines): family detection
+and refusals, the rectified-flow loss against its definition, LoRA and DreamBooth-LoRA through the shared loop with
 every export round-tripped and loaded into fresh stock pipelines, subject learning on Flux, exact resume and DDP.
 """
 
@@ -28,6 +28,7 @@ from tuner.trainer import Artifact
 
 TRIGGER = "a photo of sks toy"
 FLOW = ["sd3", "flux"]
+ADAPTER_FAMILIES = [*FLOW, "zimage"]  # Z-Image: LoRA and DreamBooth-LoRA of the transformer (no text-encoder LoRA)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_the_flow_loss_is_its_definition(tiny_models):
 
 
 # --- LoRA and DreamBooth-LoRA end to end ----------------------------------------------------------------------
-@pytest.mark.parametrize("family", FLOW)
+@pytest.mark.parametrize("family", ADAPTER_FAMILIES)
 def test_lora_trains_only_the_adapter_and_scale_zero_is_the_base(tiny_models, family):
     from trainers.lora import LoraTrainer
 
@@ -142,7 +143,7 @@ def test_lora_trains_only_the_adapter_and_scale_zero_is_the_base(tiny_models, fa
     base_out = outputs(parts, probe)
     models = (parts.denoiser, *parts.text_encoders)
     frozen = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
-    lora = {"rank": 4, "alpha": 8, "train_text_encoder": True, "unet_target_modules": "attn+ff"}
+    lora = {"rank": 4, "alpha": 8, "train_text_encoder": family != "zimage", "unet_target_modules": "attn+ff"}
     table = run_table(tiny_models[family], Path("."), Path("."), lora=lora)
     trainer = LoraTrainer(RunConfig.for_method("lora").model_validate(table))
     trainables = trainer.prepare(parts)
@@ -172,7 +173,9 @@ def test_lora_trains_only_the_adapter_and_scale_zero_is_the_base(tiny_models, fa
     [
         ("sd3", "lora", {}),
         ("flux", "lora", {}),
+        ("zimage", "lora", {}),
         ("sd3", "dreambooth", {"with_prior_preservation": True, "prior_mode": "model"}),
+        ("zimage", "dreambooth", {"with_prior_preservation": True, "prior_mode": "model"}),
         (
             "flux",
             "dreambooth",
@@ -184,17 +187,26 @@ def test_lora_trains_only_the_adapter_and_scale_zero_is_the_base(tiny_models, fa
             },
         ),  # fmt: skip
     ],
-    ids=["sd3-lora", "flux-lora", "sd3-dreambooth-lora-model-prior", "flux-dreambooth-lora-image-prior"],
+    ids=[
+        "sd3-lora",
+        "flux-lora",
+        "zimage-lora",
+        "sd3-dreambooth-lora-model-prior",
+        "zimage-dreambooth-lora-model-prior",
+        "flux-dreambooth-lora-image-prior",
+    ],
 )
 def test_trains_ten_steps_and_every_export_loads_in_a_fresh_pipeline(tiny_models, subject, tmp_path, family,
                                                                       method, data):  # fmt: skip
     run = tmp_path / "run"
-    tables = {"lora": {"rank": 4, "alpha": 8, "train_text_encoder": True}}
+    te = family != "zimage"  # Z-Image's Qwen3 encoder takes no LoRA (diffusers' loader reads the transformer only)
+    tables = {"lora": {"rank": 4, "alpha": 8, "train_text_encoder": te}}
     if method == "dreambooth":
-        tables = {"dreambooth": {"lora": True, "rank": 4, "alpha": 8, "train_text_encoder": True},
+        tables = {"dreambooth": {"lora": True, "rank": 4, "alpha": 8, "train_text_encoder": te},
                   "data": {"instance_prompt": TRIGGER, "class_prompt": "a photo of toy",
                            "class_data_dir": str(tmp_path / "class"), **data}}  # fmt: skip
-    tables["validation"] = {"enabled": family == "flux", "num_inference_steps": 2, "seeds": [0],
+    tables["validation"] = {"enabled": family in ("flux", "zimage") and method == "lora", "num_inference_steps": 2,
+                            "seeds": [0],
                             "scales": [0.0, 1.0]}  # fmt: skip
     train_here(run_table(tiny_models[family], subject, run, method=method, **tables))
     artifact = Artifact.read(run)
@@ -226,13 +238,24 @@ def test_trains_ten_steps_and_every_export_loads_in_a_fresh_pipeline(tiny_models
             ]  # fmt: skip
             a, b = (np.asarray(Image.open(r), dtype=np.int16) for r in renders)
             assert np.abs(a - b).max() <= 1
+    elif family == "zimage":  # the `diffusion_model.` file ComfyUI maps onto its fused qkv, checked as it merges
+        assert paths[1] == "run.safetensors" and artifact.files[1].format == "comfyui-lora"
+        assert {"run.safetensors via comfyui", "run.safetensors via diffusers"} <= set(report)
+        keys = load_file(str(run / "run.safetensors")).keys()
+        assert all(k.startswith("diffusion_model.") for k in keys)
+        assert {
+            "diffusion_model.layers.0.attention.to_q.alpha",
+            "diffusion_model.noise_refiner.0.attention.to_out.0.lora_up.weight",
+            "diffusion_model.context_refiner.0.attention.to_k.lora_down.weight",
+        } <= set(keys)
+        assert method == "dreambooth" or (run / "grids" / "final.png").is_file()
     else:
         assert paths == ["pytorch_lora_weights.safetensors"] and "ComfyUI" in artifact.files[0].tools
     from safetensors import safe_open
 
     with safe_open(str(run / paths[-1]), "pt") as f:
         header = f.metadata()
-    arch = {"sd3": "stable-diffusion-3-5-large/lora", "flux": "flux-1-dev/lora"}[family]
+    arch = {"sd3": "stable-diffusion-3-5-large/lora", "flux": "flux-1-dev/lora", "zimage": "Z-Image/lora"}[family]
     assert header["modelspec.architecture"] == arch and header["modelspec.trigger_phrase"] == "sks"
 
     pipe = fresh_pipeline(tiny_models[family])

@@ -6,6 +6,7 @@ adapter (`tuner.export.state.collect_state`) and call `export_lora`.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from tuner.export.sgm_names import UNetLayout
 from tuner.export.state import LoraState, unit_scale
 from tuner.trainer import ArtifactFile
 
+logger = logging.getLogger(__name__)
+
 # Which tools load the kohya file of each variant. DoRA (output-axis `dora_scale`, LyCORIS `wd_on_out`):
 # diffusers drops `dora_scale` from kohya files and A1111 only applies input-axis DoRA, so neither is listed;
 # ComfyUI loads it but normalizes output-axis DoRA by the base weight's norm (close, not exact).
@@ -31,6 +34,8 @@ KOHYA_TOOLS = {
 # FLUX.1 in kohya's `networks.lora_flux` names (BFL modules, fused qkv / linear1): what ComfyUI, Forge and
 # kohya load natively, and diffusers converts on load.
 FLUX_KOHYA_FORMAT = "kohya-flux-lora"
+# Z-Image in the `diffusion_model.` + kohya-tensor form ComfyUI maps onto its fused qkv (tuner.export.lora_comfy).
+COMFY_FORMAT = "comfyui-lora"
 # Merging into the weights rounds differently from running the adapter beside them.
 MERGE_RTOL = 1e-4
 PEFT_TOOLS = {"lora": ["diffusers", "peft"], "dora": ["diffusers", "peft"], "loha": ["peft", "tuner"],
@@ -150,8 +155,28 @@ def export_lora(
         load = f'pipe.load_lora_weights("{where}", weight_name="{flux_path.name}")' if in_diffusers else ""
         tools = ["ComfyUI", "Forge", "kohya"] + (["diffusers"] if in_diffusers else [])
         files.append(ArtifactFile(flux_path.name, FLUX_KOHYA_FORMAT, load, tools))
+    elif form == "comfyui" and variant == "lora":
+        files.append(_comfy_file(state, out_dir / f"{stem}.safetensors", kohya_header, peft_path, checks, where))
     report = verify_export(parts, state, checks) if verify else {}
     return files, {"roundtrip": report, **state.summary()}
+
+
+def _comfy_file(state: LoraState, path: Path, header: dict[str, str], peft_path: Path, checks: list[Check],
+                where: str) -> ArtifactFile:  # fmt: skip
+    """Z-Image's `diffusion_model.` file (`tuner.export.lora_comfy`), checked as ComfyUI merges it and as
+    diffusers converts it."""
+    from tuner.export.lora_comfy import comfy_unmapped, write_comfy_lora
+
+    _distinct(path, peft_path, path.stem)
+    written = write_comfy_lora(state, path, header)
+    checks += [Check(written, "comfyui"), Check(written, "diffusers")]
+    unmapped = comfy_unmapped(state)
+    if unmapped:
+        logger.warning("%s: ComfyUI has no key for %d adapted module(s), e.g. %s", written.name, len(unmapped),
+                       unmapped[0])  # fmt: skip
+    tools = ["ComfyUI", "diffusers", "musubi-tuner"] if not unmapped else ["diffusers"]
+    load = f'pipe.load_lora_weights("{where}", weight_name="{written.name}")'
+    return ArtifactFile(written.name, COMFY_FORMAT, load, tools)
 
 
 def _distinct(second: Path, peft_path: Path, output_name: str) -> None:

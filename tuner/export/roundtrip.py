@@ -35,7 +35,8 @@ PROMPT = "a photo of a toy on a table"
 @dataclass(frozen=True)
 class Check:
     """One file and how to load it: `diffusers` (`load_lora_weights`), `peft`, `merge` (A1111/ComfyUI math)
-    into the base pipeline, or `pipeline` (the path is a whole pipeline folder, e.g. a fused export)."""
+    into the base pipeline, `kohya-flux` / `comfyui` (FLUX.1's and Z-Image's ComfyUI files), or `pipeline` (the
+    path is a whole pipeline folder, e.g. a fused export)."""
 
     path: Path
     loader: str
@@ -84,8 +85,14 @@ def load_into(pipe: Any, check: Check) -> None:
 
         for name, comp in read_flux_kohya(check.path).components.items():
             inject_state(getattr(pipe, name), comp, "roundtrip")
+    elif check.loader == "comfyui":  # Z-Image's diffusion_model. file, merged on the modules ComfyUI's map names
+        from tuner.export.lora_comfy import apply_comfy
+
+        apply_comfy(pipe, check.path, check.scale)
     else:
-        raise TunerError(f"round-trip loader {check.loader!r}: allowed: diffusers, peft, merge, kohya-flux, pipeline")
+        raise TunerError(
+            f"round-trip loader {check.loader!r}: allowed: diffusers, peft, merge, kohya-flux, comfyui, pipeline"
+        )
 
 
 def checked_pipeline(check: Check, source: str | Path, revision: str | None) -> Any:

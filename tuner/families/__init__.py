@@ -1,12 +1,14 @@
-"""Model families: one object each, holding everything that differs between SD1/SD2/SDXL, SD3 and FLUX.1."""
+"""Model families: one object each, holding everything that differs between SD1/SD2/SDXL, SD3, FLUX.1 and
+Z-Image."""
 
 from typing import Any
 
 from tuner.families.base import Family, TextEncoder
 from tuner.families.transformers import FLUX, SD3, variant_of
 from tuner.families.unet import SD1, SD2, SDXL
+from tuner.families.zimage import ZIMAGE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, ZIMAGE)}
 
 
 def family_of_pipeline(pipe: Any) -> Family | None:
