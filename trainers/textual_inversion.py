@@ -1,7 +1,8 @@
 """Textual inversion: learn the embedding rows of a new placeholder token, and pivotal tuning (then a LoRA).
 
 Only the new rows of each text encoder's embedding matrix train; every other row is put back bitwise after
-each optimizer step, so weight decay and Adam's moments cannot drift the rest of the vocabulary.
+each optimizer step, so weight decay and Adam's moments cannot drift the rest of the vocabulary. The token goes
+into every CLIP encoder of the pipeline (CLIP-L, CLIP-G) and, with `train_t5`, into T5 as well.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class TextualInversionConfig(MethodConfig):
     style of {}"), or the dataset's captions with `{token}` expanded (put `{token}` in `data.caption_template`
     or in the captions). With object/style templates the dataset's captions are ignored, and a
     `data.caption_template` that needs captions becomes `{token}` so caption-less images are fine."""
+    train_t5: bool = False
+    """Also learn the token in the T5 encoder (as diffusers' advanced FLUX.1 script's `--enable_t5_ti`), so the
+    pipeline's T5 reads the new word too instead of spelling it out; costs T5's embedding matrix in the optimizer."""
     pivotal: bool = False
     """Pivotal tuning: textual inversion for `pivotal_ti_steps`, then a LoRA (the `lora` table) on top."""
     pivotal_ti_steps: int = Field(100, ge=1)
@@ -133,6 +137,7 @@ class TextualInversionTrainer(Trainer):
             )
         self.loss_options = LossOptions.from_config(config)
         self.rows: list[NewRows] = []
+        self.encoders: list[int] = []  # indices of the family's text encoders that take the token
         self.lora_params: list[torch.nn.Parameter] = []
         self._trained: list[torch.Tensor] | None = None  # set while a grid shows a scale other than 1
         self._before: list[torch.Tensor] = []  # new rows as they were before the current optimizer step
@@ -158,15 +163,15 @@ class TextualInversionTrainer(Trainer):
 
             groups = inject_lora(parts, cfg.lora, self.config)
             self.lora_params = [p for group in groups for p in group["params"]]
-        for encoder in parts.text_encoders:
-            encoder.to(torch.float32)  # the trained rows stay fp32 under mixed precision
-        self.rows = [self._add_tokens(parts, i) for i in range(len(parts.text_encoders))]
-        params = [parts.unwrapped(te).get_input_embeddings().weight for te in parts.text_encoders]
+        self.encoders = self._token_encoders(parts)
+        for i in self.encoders:
+            parts.text_encoders[i].to(torch.float32)  # the trained rows stay fp32 under mixed precision
+        self.rows = [self._add_tokens(parts, i) for i in self.encoders]
+        params = [parts.unwrapped(parts.text_encoders[i]).get_input_embeddings().weight for i in self.encoders]
         for weight in params:
             weight.requires_grad_(True)
-        modules = {
-            "text_encoder" if i == 0 else f"text_encoder_{i + 1}": te for i, te in enumerate(parts.text_encoders)
-        }
+        specs = parts.family.encoders
+        modules = {specs[i].component: parts.text_encoders[i] for i in self.encoders}
         if cfg.pivotal:
             modules["denoiser"] = parts.denoiser
         groups.insert(0, {"name": "embeddings", "params": params})
@@ -213,7 +218,7 @@ class TextualInversionTrainer(Trainer):
             self.set_adapter_scale(parts, 1.0)
         out_dir = Path(out_dir)
         vectors = self.trained_vectors(parts)
-        files = write_embeddings(out_dir, self.token, vectors, self._metadata(parts))
+        files = write_embeddings(out_dir, self.token, vectors, self._metadata(parts), parts.family, self.encoders)
         check_embeddings(files, self.token, vectors, parts.source, parts.family, parts.revision)
         artifact_list = artifact_files(files, self.token, out_dir)
         extra: dict[str, Any] = {
@@ -270,7 +275,25 @@ class TextualInversionTrainer(Trainer):
         return [w[r.ids].detach().to("cpu", torch.float32).clone() for w, r in zip(self._weights(parts), self.rows)]
 
     def _weights(self, parts: Parts) -> list[torch.Tensor]:
-        return [parts.unwrapped(te).get_input_embeddings().weight.data for te in parts.text_encoders]
+        return [parts.unwrapped(parts.text_encoders[i]).get_input_embeddings().weight.data for i in self.encoders]
+
+    def _token_encoders(self, parts: Parts) -> list[int]:
+        """The family's text encoders that take the new token: its CLIP encoders, plus T5 with `train_t5`; checks
+        that every pipeline the token goes to can read it back (multi-vector tokens need the diffusers loader)."""
+        from tuner.export.embeddings import pipeline_loads_embeddings
+
+        cfg, specs = self.method_config, parts.family.encoders
+        if cfg.train_t5 and all(spec.takes_new_tokens for spec in specs):
+            raise ConfigError(
+                f"textual_inversion.train_t5 = true: this model's text encoders ({', '.join(s.label for s in specs)}) "
+                "include no T5; set it to false"
+            )
+        if cfg.num_vectors > 1 and not pipeline_loads_embeddings(parts.family):
+            raise ConfigError(
+                f"textual_inversion.num_vectors = {cfg.num_vectors}: {parts.family.pipeline_class} has no "
+                "load_textual_inversion to expand a multi-vector token in prompts; use num_vectors = 1 here"
+            )
+        return [i for i, spec in enumerate(specs) if spec.takes_new_tokens or cfg.train_t5]
 
     def _add_tokens(self, parts: Parts, index: int) -> NewRows:
         """Add the placeholder name(s) to tokenizer `index`, grow its encoder, and write the start vectors."""
@@ -307,25 +330,27 @@ class TextualInversionTrainer(Trainer):
         if templates == "captions":
             ids = batch["input_ids"]
             ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-            self._check_captions(parts, ids[0], batch.get("is_prior"))
+            self._check_captions(parts, ids[self.encoders[0]], batch.get("is_prior"))
         else:
             pool = OBJECT_TEMPLATES if templates == "object" else STYLE_TEMPLATES
             count = _batch_size(batch)
             picks = torch.randint(len(pool), (count,), generator=batch.get("generator") or self._generator)
             ids = tokenize(parts, [pool[int(i)].format(self.token) for i in picks])
-        out = []
-        for tokenizer, rows, tensor in zip(parts.tokenizers, self.rows, ids):
-            out.append(expand_ids(tensor.cpu(), rows.ids[0], rows.ids[1:], tokenizer.eos_token_id))
+        out = list(ids)
+        for index, rows in zip(self.encoders, self.rows):
+            eos = parts.tokenizers[index].eos_token_id
+            out[index] = expand_ids(ids[index].cpu(), rows.ids[0], rows.ids[1:], eos)
         return out
 
     def _check_captions(self, parts: Parts, ids: torch.Tensor, is_prior: torch.Tensor | None) -> None:
         """A caption without the placeholder teaches it nothing; say so instead of training in vain."""
-        first, eos = self.rows[0].ids[0], parts.tokenizers[0].eos_token_id
+        tokenizer = parts.tokenizers[self.encoders[0]]
+        first, eos = self.rows[0].ids[0], tokenizer.eos_token_id
         for row, tokens in enumerate(ids.tolist()):
             empty = len(tokens) < 2 or tokens[1] == eos
             prior = is_prior is not None and bool(is_prior[row])
             if not empty and not prior and first not in tokens:
-                text = parts.tokenizers[0].decode(tokens, skip_special_tokens=True)
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
                 raise TunerError(
                     f"textual_inversion.templates = 'captions': the caption {text!r} does not contain the "
                     f"placeholder {self.token!r}; put {{token}} in data.caption_template (e.g. "

@@ -17,9 +17,14 @@ from tuner.errors import TunerError
 from tuner.models import Family
 from tuner.trainer import ArtifactFile
 
-DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
+DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors", "learned_embeds_3.safetensors")
 SDXL_KEYS = ("clip_l", "clip_g")
+KEY_ALIASES = {"t5xxl": ("t5",)}
+"""Extra keys written with the same tensor: ComfyUI reads T5 vectors as `t5xxl`, diffusers' advanced FLUX.1
+script writes and reads `t5`."""
 TOOLS = {"diffusers": ["diffusers"], "portable": ["A1111", "ComfyUI", "kohya", "diffusers"]}
+TRANSFORMER_TOOLS = ["ComfyUI", "diffusers"]
+"""Who reads the portable file of a transformer family (A1111 has no SD3 / FLUX.1 embeddings)."""
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,22 @@ class EmbeddingFile:
     """One written file: what it holds and which text encoders its tensors go to."""
 
     path: Path
-    format: str  # "diffusers" ({token: T}) or "portable" ({"emb_params": T} / {"clip_l", "clip_g"})
-    encoders: tuple[int, ...]  # text-encoder indices, in the order of `keys`
+    format: str  # "diffusers" ({token: T}) or "portable" ({"emb_params": T} / {"clip_l", "clip_g", "t5xxl"})
+    encoders: tuple[int, ...]  # indices into the trained vectors, in the order of `keys`
     keys: tuple[str, ...]
+    targets: tuple[tuple[str, str], ...] = ()
+    """(text encoder, tokenizer) pipeline attributes per key; default: `text_encoder`, `text_encoder_2` by index."""
+    unet_tools: bool = True
+    """The UNet families' tools (A1111, kohya) read it too."""
+    loader: str = "diffusers"
+    """`diffusers`: the pipeline's `load_textual_inversion`; `transformers`: the pipeline has no such loader
+    (SD3), so the token is added to its tokenizer and the rows written into its encoder with transformers calls."""
+
+    def target(self, position: int) -> tuple[str, str]:
+        if self.targets:
+            return self.targets[position]
+        suffix = "" if self.encoders[position] == 0 else f"_{self.encoders[position] + 1}"
+        return f"text_encoder{suffix}", f"tokenizer{suffix}"
 
 
 def file_stem(token: str) -> str:
@@ -38,13 +56,45 @@ def file_stem(token: str) -> str:
     return f"{stem}_emb" if f"{stem}.safetensors" in DIFFUSERS_FILES else stem
 
 
-def plan_files(out_dir: Path, token: str, num_encoders: int) -> list[EmbeddingFile]:
-    """diffusers `learned_embeds.safetensors` (SDXL: one file per encoder) plus the portable `<stem>.safetensors`."""
-    files = [EmbeddingFile(out_dir / DIFFUSERS_FILES[i], "diffusers", (i,), (token,)) for i in range(num_encoders)]
-    portable_keys = SDXL_KEYS if num_encoders == 2 else ("emb_params",)
+def pipeline_loads_embeddings(family: Family) -> bool:
+    """Whether the family's stock pipeline has diffusers' `load_textual_inversion` (and its multi-vector prompt
+    expansion); SD3's has neither."""
+    import diffusers
+
+    return hasattr(getattr(diffusers, family.pipeline_class), "load_textual_inversion")
+
+
+def plan_files(
+    out_dir: Path, token: str, num_encoders: int, family: Family | None = None, encoders: list[int] | None = None
+) -> list[EmbeddingFile]:
+    """A diffusers `learned_embeds[_N].safetensors` per trained encoder (named after its pipeline component), plus
+    the portable `<stem>.safetensors`: `emb_params` for a one-encoder family, else one key per encoder."""
+    if family is None:  # by count: the first encoders of a UNet pipeline
+        suffixes = ["" if i == 0 else f"_{i + 1}" for i in range(num_encoders)]
+        targets = [(f"text_encoder{s}", f"tokenizer{s}") for s in suffixes]
+        keys = SDXL_KEYS[:num_encoders] if num_encoders > 1 else ("emb_params",)
+        loader, unet = "diffusers", True
+    else:
+        specs = [family.encoders[i] for i in (encoders if encoders is not None else range(num_encoders))]
+        targets = [(spec.component, spec.tokenizer) for spec in specs]
+        keys = tuple(spec.embedding_key for spec in specs) if family.text_encoders > 1 else ("emb_params",)
+        loader = "diffusers" if pipeline_loads_embeddings(family) else "transformers"
+        unet = family.denoiser_component == "unet"
+    files = []
+    for i, (component, _) in enumerate(targets):
+        suffix = component.removeprefix("text_encoder")
+        name = f"learned_embeds{suffix}.safetensors"
+        files.append(EmbeddingFile(out_dir / name, "diffusers", (i,), (token,), (targets[i],), unet, loader))
+    portable = [(i, key) for i, key in enumerate(keys) for key in (key, *KEY_ALIASES.get(key, ()))]
     files.append(
         EmbeddingFile(
-            out_dir / f"{file_stem(token)}.safetensors", "portable", tuple(range(num_encoders)), portable_keys
+            out_dir / f"{file_stem(token)}.safetensors",
+            "portable",
+            tuple(i for i, _ in portable),
+            tuple(k for _, k in portable),
+            tuple(targets[i] for i, _ in portable),
+            unet,
+            loader,
         )
     )
     return files
@@ -53,20 +103,41 @@ def plan_files(out_dir: Path, token: str, num_encoders: int) -> list[EmbeddingFi
 def load_line(file: EmbeddingFile, token: str, num_encoders: int) -> str:
     """The Python a user runs to load `file` into a diffusers pipeline `pipe`."""
     name = str(file.path)
+    explicit = num_encoders > 1 or bool(file.targets and file.targets[0][0] != "text_encoder")
 
-    def target(index: int) -> str:
-        suffix = "" if index == 0 else "_2"
+    def args(position: int) -> str:
+        te, tok = file.target(position)
+        return f", text_encoder=pipe.{te}, tokenizer=pipe.{tok}" if explicit else ""
+
+    def by_hand(position: int, tensor: str) -> str:
+        te, tok = file.target(position)
         return (
-            f", text_encoder=pipe.text_encoder{suffix}, tokenizer=pipe.tokenizer{suffix}" if num_encoders > 1 else ""
+            f'pipe.{tok}.add_tokens(["{token}"]); '
+            f"pipe.{te}.resize_token_embeddings(max(len(pipe.{tok}), "
+            f"pipe.{te}.get_input_embeddings().num_embeddings)); "
+            f'pipe.{te}.get_input_embeddings().weight.data[pipe.{tok}.convert_tokens_to_ids("{token}")] = '
+            f"{tensor}[0].to(pipe.{te}.dtype)"
         )
 
-    if file.format == "diffusers":
-        return f'pipe.load_textual_inversion("{name}"{target(file.encoders[0])})'
     calls = [f'sd = safetensors.torch.load_file("{name}")']
-    calls += [
-        f'pipe.load_textual_inversion(sd["{k}"], token="{token}"{target(i)})' for i, k in zip(file.encoders, file.keys)
-    ]
+    for position, key in first_keys(file):
+        if file.loader == "transformers":
+            calls.append(by_hand(position, f'sd["{key}"]'))
+        elif file.format == "diffusers":
+            return f'pipe.load_textual_inversion("{name}"{args(position)})'
+        else:
+            calls.append(f'pipe.load_textual_inversion(sd["{key}"], token="{token}"{args(position)})')
     return "; ".join(calls)
+
+
+def first_keys(file: EmbeddingFile) -> list[tuple[int, str]]:
+    """(position, key) of the first key per encoder: aliases hold the same tensor and load once."""
+    seen, out = set(), []
+    for position, (index, key) in enumerate(zip(file.encoders, file.keys)):
+        if index not in seen:
+            seen.add(index)
+            out.append((position, key))
+    return out
 
 
 def write_embeddings(
@@ -74,20 +145,23 @@ def write_embeddings(
     token: str,
     vectors: list[torch.Tensor],
     metadata: dict[str, str] | None = None,
+    family: Family | None = None,
+    encoders: list[int] | None = None,
 ) -> list[EmbeddingFile]:
-    """Write the trained vectors (one `[num_vectors, dim]` tensor per text encoder) in every form.
+    """Write the trained vectors (one `[num_vectors, dim]` tensor per trained text encoder) in every form.
 
-    `metadata` goes into the portable file's header (diffusers files carry only `format: pt`, as diffusers'
-    own scripts write them).
+    `family` and `encoders` (the family's encoder indices the vectors belong to) name the files and keys; without
+    them the vectors are the first encoders of a UNet pipeline. `metadata` goes into the portable file's header
+    (diffusers files carry only `format: pt`, as diffusers' own scripts write them).
     """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = plan_files(out_dir, token, len(vectors))
+    files = plan_files(out_dir, token, len(vectors), family, encoders)
     for file in files:
         tensors = {
-            key: vectors[i].detach().to("cpu", torch.float32).contiguous() for i, key in zip(file.encoders, file.keys)
+            key: vectors[i].detach().to("cpu", torch.float32).clone() for i, key in zip(file.encoders, file.keys)
         }
         header = {"format": "pt"}
         if file.format == "portable":
@@ -104,7 +178,7 @@ def artifact_files(files: list[EmbeddingFile], token: str, out_dir: Path) -> lis
             path=str(file.path.relative_to(out_dir)),
             format=f"textual_inversion/{file.format}",
             load=load_line(file, token, num_encoders),
-            tools=TOOLS[file.format],
+            tools=TOOLS[file.format] if file.unet_tools or file.format == "diffusers" else TRANSFORMER_TOOLS,
         )
         for file in files
     ]
@@ -114,39 +188,38 @@ def load_into(pipe: Any, file: EmbeddingFile, token: str) -> None:
     """Load `file` into `pipe` exactly as `load_line` tells a user to."""
     from safetensors.torch import load_file
 
-    targets = [(pipe.text_encoder, pipe.tokenizer)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        targets.append((pipe.text_encoder_2, pipe.tokenizer_2))
-    if file.format == "diffusers":
-        te, tok = targets[file.encoders[0]]
-        pipe.load_textual_inversion(str(file.path), text_encoder=te, tokenizer=tok)
-        return
     state = load_file(str(file.path))
-    for index, key in zip(file.encoders, file.keys):
-        te, tok = targets[index]
-        pipe.load_textual_inversion(state[key], token=token, text_encoder=te, tokenizer=tok)
+    for position, key in first_keys(file):
+        te, tok = (getattr(pipe, name) for name in file.target(position))
+        if file.loader == "transformers":
+            tok.add_tokens([token])
+            te.resize_token_embeddings(max(len(tok), te.get_input_embeddings().num_embeddings))
+            te.get_input_embeddings().weight.data[tok.convert_tokens_to_ids(token)] = state[key][0].to(te.dtype)
+        elif file.format == "diffusers":
+            pipe.load_textual_inversion(str(file.path), text_encoder=te, tokenizer=tok)
+        else:
+            pipe.load_textual_inversion(state[key], token=token, text_encoder=te, tokenizer=tok)
 
 
-def loaded_vectors(pipe: Any, token: str, encoder: int) -> torch.Tensor:
+def loaded_vectors(pipe: Any, token: str, file: EmbeddingFile, position: int) -> torch.Tensor:
     """The rows `token` expands to in `pipe` (multi-vector: `token`, `token_1`, ...), found via the pipeline's
-    own prompt conversion, so the check also covers the expansion at sampling time."""
-    tokenizer = pipe.tokenizer if encoder == 0 else pipe.tokenizer_2
-    text_encoder = pipe.text_encoder if encoder == 0 else pipe.text_encoder_2
-    words = pipe.maybe_convert_prompt(token, tokenizer).split()
+    own prompt conversion where it has one, so the check also covers the expansion at sampling time."""
+    te_name, tok_name = file.target(position)
+    tokenizer, text_encoder = getattr(pipe, tok_name), getattr(pipe, te_name)
+    words = pipe.maybe_convert_prompt(token, tokenizer).split() if hasattr(pipe, "maybe_convert_prompt") else [token]
     ids = tokenizer.convert_tokens_to_ids(words)
-    unknown = [w for w, i in zip(words, ids) if i == tokenizer.unk_token_id]
+    unknown = [w for w, i in zip(words, ids) if i == tokenizer.unk_token_id or i is None]
     if unknown:
         raise TunerError(f"textual inversion round trip: token(s) {unknown} not in the loaded tokenizer")
     return text_encoder.get_input_embeddings().weight.detach()[ids].to("cpu", torch.float32)
 
 
 def fresh_pipeline(source: str, family: Family, revision: str | None = None) -> Any:
-    """A stock pipeline straight from the base model's folder (no UNet or VAE: embeddings touch neither)."""
+    """A stock pipeline straight from the base model's folder (no denoiser or VAE: embeddings touch neither)."""
     from diffusers import DiffusionPipeline
 
-    kwargs: dict[str, Any] = {"unet": None, "vae": None, "revision": revision}
-    if family.text_encoders == 1:
-        kwargs.update(safety_checker=None, feature_extractor=None)
+    kwargs: dict[str, Any] = {family.denoiser_component: None, "vae": None, "revision": revision}
+    kwargs.update({k: v for k, v in family.pipeline_extras.items() if v is None})
     pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -162,28 +235,39 @@ def check_embeddings(
 ) -> float:
     """Load each file into its own fresh pipeline; raise TunerError unless every row equals the trained one.
 
-    Returns the largest difference seen (0.0 when all match).
-    """
+    An alias key (`t5` next to `t5xxl`) must hold its encoder's tensor bitwise. Returns the largest difference
+    seen (0.0 when all match)."""
+    from safetensors.torch import load_file
+
     worst = 0.0
     for file in files:
+        stored = load_file(str(file.path))
+        first = {file.encoders[position]: key for position, key in first_keys(file)}
+        for index, key in zip(file.encoders, file.keys):
+            if not torch.equal(stored[key], stored[first[index]]):
+                raise TunerError(
+                    f"textual inversion round trip: {file.path.name}: {key!r} differs from {first[index]!r}"
+                )
         pipe = fresh_pipeline(source, family, revision)
         try:
             load_into(pipe, file, token)
         except (ValueError, KeyError) as exc:
             raise TunerError(f"textual inversion round trip: {file.path.name} does not load: {exc}") from exc
-        for index in file.encoders:
+        for position, _ in first_keys(file):
+            index = file.encoders[position]
             expected = vectors[index].detach().to("cpu", torch.float32)
-            got = loaded_vectors(pipe, token, index)
+            got = loaded_vectors(pipe, token, file, position)
+            where = file.target(position)[0]
             if got.shape != expected.shape:
                 raise TunerError(
-                    f"textual inversion round trip: {file.path.name} loads {token!r} into text encoder {index + 1} "
+                    f"textual inversion round trip: {file.path.name} loads {token!r} into {where} "
                     f"as {tuple(got.shape)} vectors, trained {tuple(expected.shape)}"
                 )
             diff = float((got - expected).abs().max()) if got.numel() else 0.0
             if diff != 0.0:
                 raise TunerError(
-                    f"textual inversion round trip: {file.path.name} reproduces {token!r} in text encoder "
-                    f"{index + 1} with max difference {diff:.3g} (must be exact)"
+                    f"textual inversion round trip: {file.path.name} reproduces {token!r} in {where} "
+                    f"with max difference {diff:.3g} (must be exact)"
                 )
             worst = max(worst, diff)
     return worst
