@@ -143,6 +143,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from tuner.guidance import GuidanceSchedule
     from tuner.sampling import Embedding, sample
 
     if len(args.token) > len(args.embedding):
@@ -162,7 +163,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
+        guidance=GuidanceSchedule(args.guidance_schedule, args.guidance_rescale, args.guidance_interval),
+        init_image=args.init_image,
+        mask=args.mask,
+        strengths=args.strength,
         width=args.width,
+
         height=args.height,
         write_images=args.command == "sample",
     )
@@ -179,10 +185,19 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding", action="append", default=[], help="textual-inversion .safetensors")
     p.add_argument("--token", action="append", default=[], help="token of the Nth --embedding (default: from file)")
     p.add_argument("--vae", help="AutoencoderKL folder to use instead of the model's")
-    p.add_argument("--scheduler", help="diffusers scheduler class name, e.g. DPMSolverMultistepScheduler")
+    p.add_argument("--scheduler", "--sampler", nargs="+", help="A1111 sampler names ('DPM++ 2M Karras') or diffusers "
+                   "scheduler classes; several: one column group each")  # fmt: skip
     p.add_argument("--negative-prompt")
     p.add_argument("--steps", type=int, default=25, help="inference steps")
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-schedule", default="constant", choices=["constant", "linear", "cosine"],
+                   help="CFG scale over the steps (linear/cosine rise from 1, mean = --guidance-scale)")  # fmt: skip
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale phi (0 = plain CFG)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
+                   help="guide only within these fractions of the steps")  # fmt: skip
+    p.add_argument("--init-image", help="render img2img rows from this image instead of from noise")
+    p.add_argument("--strength", type=float, nargs="+", default=[0.6], help="img2img/inpaint strengths (0-1)")
+    p.add_argument("--mask", help="inpainting mask for --init-image (white = repaint)")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--out", required=True, help="output folder")

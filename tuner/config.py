@@ -257,7 +257,21 @@ class ValidationConfig(Section):
     guidance_scale: float = Field(7.5, ge=0)
     """Classifier-free guidance scale."""
     scheduler: str | None = None
-    """diffusers scheduler class name for sampling (e.g. `DPMSolverMultistepScheduler`); default: the model's."""
+    """Sampler: an A1111 name (`Euler a`, `DPM++ 2M Karras`, `UniPC`, ...) or a diffusers scheduler class name
+    (`DPMSolverMultistepScheduler`); default: the model's. SD3/FLUX.1 take flow-matching samplers only."""
+    guidance_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """How the CFG scale varies over the steps: constant, or rising from 1 (linear / cosine) with
+    `guidance_scale` as its mean."""
+    guidance_rescale: float = Field(0.0, ge=0, le=1)
+    """CFG rescale φ (for zero-terminal-SNR v-prediction models); 0 = plain CFG."""
+    guidance_interval: tuple[float, float] | None = None
+    """Guide only within [start, end] fractions of the steps (0 = first, noisiest); none: every step."""
+    init_images: list[str] = []
+    """Init images for img2img rows (one extra row per image x prompt, base vs tuned like the others)."""
+    masks: list[str] = []
+    """Inpainting masks, one per init image (white = repaint); empty: the init images render as img2img."""
+    strength: float = Field(0.6, ge=0, le=1)
+    """How much of an init image is repainted (0 = kept, 1 = all; 0.4-0.8 typical)."""
     width: int | None = None
     """Sample width (default: the training resolution)."""
     height: int | None = None
@@ -266,6 +280,17 @@ class ValidationConfig(Section):
     """Render a grid every N steps (none: only at the end)."""
     enabled: bool = True
     """Render grids at all."""
+
+    @model_validator(mode="after")
+    def _image_rows(self) -> ValidationConfig:
+        if self.masks and len(self.masks) != len(self.init_images):
+            raise ValueError(
+                f"validation.masks: {len(self.masks)} masks for {len(self.init_images)} init_images; one per image"
+            )
+        interval = self.guidance_interval
+        if interval is not None and not 0 <= interval[0] < interval[1] <= 1:
+            raise ValueError(f"validation.guidance_interval {list(interval)}: need 0 <= start < end <= 1")
+        return self
 
 
 class HubConfig(Section):

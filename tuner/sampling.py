@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 
+from tuner.comparison import compare
 from tuner.errors import TunerError
-from tuner.validation import render, scale_label, scheduler_from_name
+from tuner.guidance import GuidanceSchedule
+from tuner.img2img import load_init_images
+from tuner.validation import Row, scheduler_from_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -26,7 +29,7 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 @dataclass
 class SampleResult:
-    """What `sample` wrote: single images (prompt-major, then scale, then seed) and the grid."""
+    """What `sample` wrote: single images (row-major, then sampler, scale, seed) and the grid."""
 
     images: list[Path] = field(default_factory=list)
     grid: Path | None = None
@@ -50,10 +53,14 @@ def sample(
     lora_scales: Sequence[float] = (1.0,),
     embeddings: Sequence[Embedding | str | Path] = (),
     vae: str | None = None,
-    scheduler: str | None = None,
+    scheduler: str | Sequence[str] | None = None,
     negative_prompt: str | None = None,
     steps: int = 25,
     guidance_scale: float = 7.5,
+    guidance: GuidanceSchedule | None = None,
+    init_image: str | Path | None = None,
+    mask: str | Path | None = None,
+    strengths: Sequence[float] = (0.6,),
     width: int | None = None,
     height: int | None = None,
     grid: bool = True,
@@ -61,23 +68,28 @@ def sample(
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> SampleResult:
-    """Render prompts x seeds x LoRA scales (0 = the base model) with the model's stock pipeline.
+    """Render prompts x samplers x LoRA scales (0 = the base model) x seeds with the model's stock pipelines.
 
-    Writes `<out>/<prompt-slug>_seed<s>_scale<x>.png` (no `_scale` part without LoRAs) unless
-    `write_images` is false, and `<out>/grid.png` (rows = prompts, columns = scale x seed) when `grid`.
-    Every LoRA is applied at the same scale. Size defaults to the model's native size.
+    Prompts take A1111 syntax (weights, BREAK, long prompts). With `init_image` each prompt renders from that
+    image at each strength (img2img, or inpainting with `mask`) instead of from noise. Writes
+    `<out>/<prompt-slug>[_img2img<strength>][_<sampler>]_seed<s>[_scale<x>].png` unless `write_images` is
+    false, and `<out>/grid.png` when `grid`. Every LoRA is applied at the same scale. Size defaults to the
+    model's native size.
     """
     prompts = list(prompts)
     seeds = [int(s) for s in seeds]
+    samplers = [scheduler] if isinstance(scheduler, str) or scheduler is None else list(scheduler)
     if not prompts:
         raise TunerError("sample: no prompts; give at least one --prompt")
     if not seeds:
         raise TunerError("sample: no seeds; give at least one --seeds value")
     if steps < 1:
         raise TunerError(f"--steps {steps}: must be at least 1")
-    for name, value in (("--width", width), ("--height", height)):
+    for flag, value in (("--width", width), ("--height", height)):
         if value is not None and (value < 8 or value % 8):
-            raise TunerError(f"{name} {value}: must be a positive multiple of 8")
+            raise TunerError(f"{flag} {value}: must be a positive multiple of 8")
+    if mask is not None and init_image is None:
+        raise TunerError("--mask: needs --init-image (the image to inpaint)")
     lora_paths = [lora_file(p) for p in lora]
     embedding_specs = [e if isinstance(e, Embedding) else Embedding(e) for e in embeddings]
     scales = [float(s) for s in lora_scales] if lora_paths else [1.0]
@@ -85,50 +97,50 @@ def sample(
         raise TunerError("--lora-scale: give at least one scale (0 = base model, 1 = as trained)")
     if not grid and not write_images:
         raise TunerError("sample: nothing to write (grid and single images are both off)")
+    inits = (
+        load_init_images([init_image], [mask] if mask else [], strengths, "--init-image", "--mask")
+        if init_image
+        else []
+    )
+    rows = [Row(p, init) for init in inits for p in prompts] if inits else [Row(p) for p in prompts]
 
-    pipe = load_pipeline(model, vae=vae, scheduler=scheduler, device=device, dtype=dtype)
+    pipe = load_pipeline(model, vae=vae, device=device, dtype=dtype)
     adapters = load_loras(pipe, lora_paths)
     for spec in embedding_specs:
         load_embedding(pipe, spec)
-
-    kwargs = dict(
+    result = compare(
+        pipe,
+        rows,
+        seeds,
+        adapters=adapters,
+        scales=scales,
+        samplers=samplers,
+        name=_title(model, lora_paths, embedding_specs),
         negative_prompt=negative_prompt,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
+        guidance=guidance,
         width=width,
         height=height,
     )
-    blocks: list[list[list[Any]]] = []  # [scale][prompt][seed]
-    for scale in scales:
-        if adapters:
-            set_lora_scale(pipe, adapters, scale)
-        blocks.append(render(pipe, prompts, seeds, **kwargs))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = SampleResult()
+    written = SampleResult()
     if write_images:
-        slugs = unique_slugs(prompts)
-        for p, slug in enumerate(slugs):
-            for s, scale in enumerate(scales):
-                for k, seed in enumerate(seeds):
-                    suffix = f"_scale{scale:g}" if adapters else ""
-                    path = out / f"{slug}_seed{seed}{suffix}.png"
-                    blocks[s][p][k].save(path)
-                    result.images.append(path)
+        slugs = unique_slugs([r.prompt for r in rows])
+        for r, (row, row_slug) in enumerate(zip(rows, slugs)):
+            init_part = f"_{row.init.kind}{row.init.strength:g}" if row.init else ""
+            for c, column in enumerate(result.columns):
+                sampler_part = f"_{slug(column.sampler or 'default', 30)}" if len(samplers) > 1 else ""
+                scale_part = f"_scale{column.scale:g}" if adapters else ""
+                path = out / f"{row_slug}{init_part}{sampler_part}_seed{column.seed}{scale_part}.png"
+                result.images[r][c].save(path)
+                written.images.append(path)
     if grid:
-        from tuner.grid import make_grid
-
-        images = [
-            [blocks[s][p][k] for s in range(len(scales)) for k in range(len(seeds))] for p in range(len(prompts))
-        ]
-        col_labels = [
-            f"{scale_label(scale)}\nseed {seed}" if adapters else f"seed {seed}" for scale in scales for seed in seeds
-        ]
-        title = _title(model, lora_paths, embedding_specs, pipe, steps, guidance_scale)
-        result.grid = out / "grid.png"
-        make_grid(images, prompts, col_labels, title=title, groups=len(scales)).save(result.grid)
-    return result
+        written.grid = out / "grid.png"
+        result.grid().save(written.grid)
+    return written
 
 
 def load_pipeline(
@@ -139,7 +151,7 @@ def load_pipeline(
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Any:
-    """The model's stock diffusers pipeline (optionally with another VAE and scheduler), ready to sample."""
+    """The model's stock diffusers pipeline (optionally with another VAE and sampler), ready to sample."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
     from tuner.models import resolve_model_path
@@ -317,15 +329,12 @@ def _safetensors_file(path: Path, flag: str) -> Path:
     return path
 
 
-def _title(
-    model: str, loras: Sequence[Path], embeddings: Sequence[Embedding], pipe: Any, steps: int, cfg: float
-) -> str:
+def _title(model: str, loras: Sequence[Path], embeddings: Sequence[Embedding]) -> str:
     name = Path(model.rstrip("/")).name or model
     # A LoRA saved under the default file name is known by its folder (the run's name).
     extras = [p.parent.name if p.name == LORA_FILE else p.stem for p in loras]
     extras += [Path(e.path).stem for e in embeddings]
-    with_extras = f"{name} + {', '.join(extras)}" if extras else name
-    return f"{with_extras} · {type(pipe.scheduler).__name__}, {steps} steps, guidance {cfg:g}"
+    return f"{name} + {', '.join(extras)}" if extras else name
 
 
 def _first_line(exc: BaseException) -> str:
