@@ -85,7 +85,7 @@ def sobel(images: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderTrainer(Trainer):
-    """Trains the VAE decoder (+ `post_quant_conv`) against the pixels its frozen encoder saw."""
+    """Trains the VAE decoder (+ `post_quant_conv` where the VAE has one) against the pixels its frozen encoder saw."""
 
     name = "decoder"
     Config = DecoderConfig
@@ -351,7 +351,8 @@ class DecoderTrainer(Trainer):
             ),
             ArtifactFile("metrics.json", "metrics-json", f'json.loads(open("{out_dir / "metrics.json"}").read())'),
         ]
-        extra = {"trained": self.trained_names, "round_trip_max_difference": max_diff}
+        # What trained: the configured modules this VAE has (SD3 / FLUX.1 VAEs have no post_quant_conv).
+        extra = {"trained": list(self.base_modules), "round_trip_max_difference": max_diff}
         extra["metrics"] = {k: v for k, v in to_json(metrics).items() if k != "per_image"}
         return self.artifact(parts, files, extra=extra)
 
