@@ -47,7 +47,7 @@ def load_init_images(
     field: str = "validation.init_images",
     mask_field: str = "validation.masks",
 ) -> list[InitImage]:
-    """One `InitImage` per image x strength; masks pair with images by position (none: img2img)."""
+    """One `InitImage` per image x strength; masks pair with images by position (none, or "": img2img)."""
     if masks and len(masks) != len(images):
         raise TunerError(f"{mask_field}: {len(masks)} masks for {len(images)} init images; give one per image")
     for strength in strengths:
@@ -56,7 +56,7 @@ def load_init_images(
     out = []
     for i, path in enumerate(images):
         image = _read(path, f"{field}[{i}]").convert("RGB")
-        mask = _read(masks[i], f"{mask_field}[{i}]").convert("L") if masks else None
+        mask = _read(masks[i], f"{mask_field}[{i}]").convert("L") if masks and masks[i] else None
         if mask is not None and mask.size != image.size:
             mask = mask.resize(image.size, Image.Resampling.NEAREST)
         out += [InitImage(image, float(s), mask, Path(path).stem) for s in strengths]

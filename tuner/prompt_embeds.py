@@ -77,21 +77,21 @@ def _with_negative(pipe: Any, prompt: str, negative: str | None, encode) -> dict
 
 def _sd1(pipe: Any, prompt: str, chunks: list[Chunks]) -> tuple[torch.Tensor, None]:
     """SD1/SD2: the encoder's last hidden state (after its final norm), as `encode_prompt` with no clip skip."""
-    return _encode_clip(pipe.text_encoder, chunks[0], penultimate=False).hidden, None
+    return encode_clip(pipe.text_encoder, chunks[0], penultimate=False).hidden, None
 
 
 def _sdxl(pipe: Any, prompt: str, chunks: list[Chunks]) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL: both encoders' penultimate states side by side; pooled = the second encoder's projection."""
-    first = _encode_clip(pipe.text_encoder, chunks[0], penultimate=True)
-    second = _encode_clip(pipe.text_encoder_2, chunks[1], penultimate=True)
+    first = encode_clip(pipe.text_encoder, chunks[0], penultimate=True)
+    second = encode_clip(pipe.text_encoder_2, chunks[1], penultimate=True)
     return torch.cat([first.hidden, second.hidden], dim=-1), second.pooled
 
 
 def _sd3(pipe: Any, prompt: str, chunks: list[Chunks]) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3: CLIP-L and CLIP-G penultimate states, zero-padded to T5's width, then T5's sequence; pooled =
     both CLIP projections."""
-    first = _encode_clip(pipe.text_encoder, chunks[0], penultimate=True)
-    second = _encode_clip(pipe.text_encoder_2, chunks[1], penultimate=True)
+    first = encode_clip(pipe.text_encoder, chunks[0], penultimate=True)
+    second = encode_clip(pipe.text_encoder_2, chunks[1], penultimate=True)
     clip = torch.cat([first.hidden, second.hidden], dim=-1)
     t5 = _t5(pipe, prompt, getattr(pipe, "text_encoder_3", None), getattr(pipe, "tokenizer_3", None))
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -107,7 +107,8 @@ def _flux(pipe: Any, prompt: str) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
-def _encode_clip(encoder: Any, chunks: Chunks, penultimate: bool) -> _Encoded:
+def encode_clip(encoder: Any, chunks: Chunks, penultimate: bool) -> _Encoded:
+    """One CLIP encoder over weighted chunks: (1, chunks x window, width) and the first chunk's pooled output."""
     out = encoder(chunks.ids.to(encoder.device), output_hidden_states=penultimate)
     hidden = out.hidden_states[-2] if penultimate else out[0]
     hidden = apply_weights(hidden, chunks.weights).to(encoder.dtype)
