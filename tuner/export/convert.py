@@ -14,6 +14,7 @@ import torch
 
 from tuner.errors import TunerError
 from tuner.export import metadata as md
+from tuner.export.lora_comfy import is_comfy, read_comfy_lora, write_comfy_lora
 from tuner.export.lora_diffusers import diffusers_loadable, peft_weight_name, read_peft_file, write_peft_file
 from tuner.export.lora_flux import module_deltas, read_flux_kohya, write_flux_kohya
 from tuner.export.lora_kohya import (
@@ -32,12 +33,13 @@ logger = logging.getLogger(__name__)
 
 TARGETS = ("diffusers", "kohya", "fused")
 ARCH_FAMILIES = {"stable-diffusion-xl": "sdxl", "stable-diffusion-v2": "sd2", "stable-diffusion-v1": "sd1",
-                 "stable-diffusion-3": "sd3", "flux-1": "flux"}  # fmt: skip
+                 "stable-diffusion-3": "sd3", "flux-1": "flux", "Z-Image": "zimage"}  # fmt: skip
 FLUX_BLOCKS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
 
 
 def file_format(path: str | Path) -> str:
-    """`kohya`, `kohya-flux` (BFL module names) or `peft` (the diffusers/peft layout), from a file's keys."""
+    """`kohya`, `kohya-flux` (BFL module names), `comfyui` (Z-Image's `diffusion_model.` keys) or `peft` (the
+    diffusers/peft layout), from a file's keys."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -49,6 +51,8 @@ def file_format(path: str | Path) -> str:
         return "kohya-flux"
     if is_kohya(keys):
         return "kohya"
+    if is_comfy(keys):
+        return "comfyui"
     if keys and all(k.split(".", 1)[0] in COMPONENTS for k in keys):
         return "peft"
     raise TunerError(f"{path}: neither a kohya LoRA (lora_unet_...) nor a diffusers/peft one (unet.*, text_encoder.*)")
@@ -97,6 +101,8 @@ def read_any(path: str | Path, model: str | None = None) -> LoraState:
         return read_peft_file(path)
     if fmt == "kohya-flux":  # BFL names need no base model: the FLUX.1 layout is fixed
         return read_flux_kohya(path)
+    if fmt == "comfyui":  # diffusers module paths: no base model needed either
+        return read_comfy_lora(path)
     _, header = read_kohya_tensors(path)
     if not model:
         raise TunerError(f"{path}: reading a kohya file needs the base model (--model BASE) to resolve module names")
@@ -161,6 +167,9 @@ def convert_lora(
         if family.lora_file_form == "kohya-flux":
             fmt, written = "kohya-flux", write_flux_kohya(state, target, header)
             back = read_flux_kohya(written)
+        elif family.lora_file_form == "comfyui":
+            fmt, written = "comfyui", write_comfy_lora(state, target, header)
+            back = read_comfy_lora(written)
         else:
             names = module_names(model, family.text_encoders) if model else None
             layout = UNetLayout.from_paths(names["unet"]) if names else None
@@ -179,7 +188,7 @@ def convert_lora(
         written = write_peft_file(LoraState(state.components, {}), target, header)
         back = read_peft_file(written)
     if back is not None:  # FLUX.1's BFL form fuses modules: ranks and scales change there, the deltas never do
-        compare = _same_deltas if "kohya-flux" in (source_format, fmt) else same_state
+        compare = _same_deltas if {"kohya-flux", "comfyui"} & {source_format, fmt} else same_state
         compare(state, back)
     if model:
         from tuner.models import resolve_model_path
@@ -217,6 +226,8 @@ def _loader(path: Path, fmt: str, state: LoraState, scale: float = 1.0) -> Check
     variant = state.variant
     if fmt == "kohya-flux":
         return Check(path, "kohya-flux", rtol=1e-4, scale=scale)
+    if fmt == "comfyui":
+        return Check(path, "comfyui", rtol=1e-4, scale=scale)
     if fmt == "kohya":
         loader = "diffusers" if variant == "lora" and uniform_alpha(state) else "merge"
     else:
@@ -234,7 +245,7 @@ def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float 
         raise TunerError(f"--out {out}: folder exists and is not empty")
     source = resolve_model_path(model)
     fmt = file_format(input_path)
-    if fmt == "kohya-flux":
+    if fmt in ("kohya-flux", "comfyui"):
         raise TunerError(
             f"{input_path}: fusing reads the diffusers form; convert it first (tuner export {input_path} --to "
             "diffusers --out DIR --model BASE), then fuse that file"
