@@ -178,3 +178,44 @@ def test_sampling_uses_the_models_own_scheduler_and_never_the_training_one(tiny_
     assert type(validation_pipeline(parts, "DDIMScheduler").scheduler).__name__ == "DDIMScheduler"
     with pytest.raises(TunerError, match="EulerDiscreteScheduler"):
         validation_pipeline(parts, "NoSuchScheduler")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_img2img_and_inpainting_rows_render_base_vs_tuned(tiny_models, family, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "face.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    mask.save(tmp_path / "mask.png")
+    parts = load_parts(str(tiny_models[family]))
+    validation = {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 1.0, "scales": [0.0, 1.0],
+                  "init_images": [str(tmp_path / "face.png")] * 2, "masks": ["", str(tmp_path / "mask.png")],
+                  "strength": 0.7, "scheduler": "Euler a"}  # fmt: skip
+    config = RunConfig.for_method("gridtoy_scaled")(
+        method="gridtoy_scaled", data={"resolution": 32, "instance_prompt": "a (sks:1.3) dog"}, validation=validation
+    )
+    trainer = ScalableToyTrainer(config)
+    trainer.prepare(parts)
+
+    grid = render_validation_grid(trainer, parts, 5)
+
+    # Rows: text-to-image, img2img, inpainting; columns: base | tuned.
+    layout = grid_layout(3, 2, cell_size((32, 32)), title=True, groups=2)
+    assert grid.size == layout.size
+    arr = np.asarray(grid)
+    cells = [[arr[y : y + layout.cell_h, x : x + layout.cell_w] for x, y in (layout.cell_origin(r, c) for c in (0, 1))]
+             for r in range(3)]  # fmt: skip
+    assert all(not np.array_equal(row[0], row[1]) for row in cells)  # base vs tuned differ on every row
+    assert not np.array_equal(cells[0][1], cells[1][1]) and not np.array_equal(cells[1][1], cells[2][1])
+    assert trainer.scales[-1] == 1.0
+
+
+def test_bad_image_rows_are_named(tiny_models, tmp_path):
+    with pytest.raises(Exception, match="validation.masks: 1 masks for 2 init_images"):
+        _config("gridtoy", init_images=["a.png", "b.png"], masks=["m.png"])
+    parts = load_parts(str(tiny_models["sd1"]))
+    trainer = FullToyTrainer(_config("gridtoy", init_images=[str(tmp_path / "missing.png")]))
+    with pytest.raises(TunerError, match=r"validation.init_images\[0\] '.*missing.png': file not found"):
+        render_validation_grid(trainer, parts, 0)
