@@ -28,9 +28,9 @@ FAMILY_TAGS = {"sd1": ["stable-diffusion", "stable-diffusion-diffusers"],
                "sd2": ["stable-diffusion", "stable-diffusion-diffusers"],
                "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]}  # fmt: skip
 FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
-                "sd3": "Stable Diffusion 3", "flux": "FLUX.1"}  # fmt: skip
-FLOW_FAMILIES = frozenset({"sd3", "flux"})
-BF16_FAMILIES = frozenset({"sd3", "flux"})
+                "sd3": "Stable Diffusion 3", "flux": "FLUX.1", "zimage": "Z-Image"}  # fmt: skip
+FLOW_FAMILIES = frozenset({"sd3", "flux", "zimage"})
+BF16_FAMILIES = frozenset({"sd3", "flux", "zimage"})
 METHOD_NAMES = {"lora": "LoRA adapter", "dreambooth": "DreamBooth fine-tune",
                 "textual_inversion": "textual-inversion embedding", "decoder": "fine-tuned VAE decoder"}  # fmt: skip
 # (file-format marker, (A1111/Forge folder, ComfyUI folder)); the first marker found in a file's format wins.
