@@ -125,7 +125,7 @@ class DreamBoothTrainer(Trainer):
         lr = self.config.optimizer.learning_rate
         te_lr = self.config.optimizer.text_encoder_lr or lr
         self._check_save_format(parts)
-        parts.denoiser.to(torch.float32)
+        # Only what trains becomes fp32 (the loop's `apply_precision`): frozen blocks keep the weight dtype.
         chosen = selected_parameters(parts.denoiser, parts.family.block_lists, cfg.train_blocks)
         parts.denoiser.requires_grad_(False)
         for _, param in chosen:
