@@ -229,14 +229,19 @@ def save_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    write_rank(tmp)
+    try:
+        write_rank(tmp)
+        if is_main:
+            write_shared(tmp)
+        barrier()
+        if is_main:
+            write_manifest(tmp, step)
+            normal_mode(tmp)  # safetensors saves 0600; checkpoints are the user's files like any other output
+            _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a kill signal: no half checkpoint stays behind
+        raise
     if is_main:
-        write_shared(tmp)
-    barrier()
-    if is_main:
-        write_manifest(tmp, step)
-        normal_mode(tmp)  # safetensors saves 0600; checkpoints are the user's files like any other output
-        _fsync_tree(tmp)
         if final.exists():  # the same step written again (e.g. interrupted right after a checkpoint)
             old = run_dir / f"{PREFIX}{step}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -389,6 +394,13 @@ class TrainingState:
 
         return save_atomically(run_dir, self.position.global_step, shared, per_rank, is_main, barrier, limit)
 
+    def estimated_bytes(self) -> int:
+        """Tensor bytes of a checkpoint of this state (weights, optimizer, EMA), known before writing one."""
+        trees = [self.trainable, self.optimizer.state_dict()]
+        if self.ema is not None:
+            trees.append(self.ema.state_dict())
+        return sum(_tensor_bytes(tree) for tree in trees)
+
     def load(self, directory: Path) -> list[str]:
         """Restore everything from a verified checkpoint; returns warnings about what could not match exactly."""
         trainable, optimizer = self._names()
@@ -434,6 +446,16 @@ class TrainingState:
         else:
             warnings.append(f"no {rng} in the checkpoint; this process's random streams start afresh")
         return warnings
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -8,6 +8,7 @@ method. Subclasses set `name`, `Config` and `data_kinds`, then implement `prepar
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -70,7 +71,9 @@ class Artifact:
         from tuner.public import normal_mode
 
         path = Path(out_dir) / "artifact.json"
-        path.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp = path.with_name(".artifact.json.tmp")  # written last and whole: its presence means a finished run
+        tmp.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
         normal_mode(*(Path(out_dir) / f.path for f in self.files if not Path(f.path).is_absolute()), path)
         return path
 

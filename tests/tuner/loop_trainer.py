@@ -57,7 +57,7 @@ class UNetBiasTrainer(Trainer):
 
     def compute_loss(self, parts, batch: dict[str, Any]) -> torch.Tensor:
         step = self.global_step + 1
-        if os.environ.get("TUNER_TEST_KILL_AT_STEP") == str(self.global_step):
+        if os.environ.get("TUNER_TEST_KILL_AT_STEP") == str(self.global_step) and _this_rank_dies():
             os.kill(os.getpid(), signal.SIGKILL)
         if os.environ.get("TUNER_TEST_SIGINT_AT_STEP") == str(self.global_step) and not self._interrupted:
             self._interrupted = True
@@ -98,6 +98,12 @@ class UNetBiasTrainer(Trainer):
         out = unet(sample.to(unet.dtype), 10, encoder_hidden_states=hidden.to(unet.dtype)).sample[0, 0]
         pixels = ((out.float().clamp(-2, 2) + 2) * 63).to(torch.uint8).cpu().numpy()
         return Image.fromarray(pixels).resize((32, 32))
+
+
+def _this_rank_dies() -> bool:
+    """`TUNER_TEST_KILL_RANK=r` limits the kill to process r of a multi-process run (default: every process)."""
+    chosen = os.environ.get("TUNER_TEST_KILL_RANK")
+    return chosen is None or chosen == os.environ.get("RANK", "0")
 
 
 class HookedLoraTrainer(LoraTrainer):

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from tuner.config import RunConfig
 from tuner.errors import DataError
+from tuner.storage import DiskFull, free_bytes, is_no_space, size_text
+
+logger = logging.getLogger(__name__)
 
 
 def digest(value: Any) -> str:
@@ -98,7 +102,11 @@ def default_cache_dir(config: RunConfig) -> Path:
 
 
 class TensorCache:
-    """A folder of `<key>.safetensors` files (two-level fan-out so no directory grows huge)."""
+    """A folder of `<key>.safetensors` files (two-level fan-out so no directory grows huge).
+
+    Each file records its key, the shapes and a sha256 of its tensors in its metadata. A read checks all three,
+    so a truncated or hand-edited entry, or one copied in from another model's cache, is recomputed with a note
+    instead of being trained on."""
 
     def __init__(self, root: Path, kind: str):
         self.root = Path(root) / kind
@@ -110,30 +118,76 @@ class TensorCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        path = self.path(key)
-        if not path.is_file():
+        tensors = self._read(key)
+        if tensors is None:
             self.misses += 1
-            return None
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError):
-            self.misses += 1  # a damaged entry is recomputed and rewritten
-            return None
-        self.hits += 1
+        else:
+            self.hits += 1
         return tensors
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """An intact entry is on disk (read and checked: a damaged one is removed and reported)."""
+        return self._read(key) is not None
+
+    def _read(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (not a dict)
+            problem = _problem(key, tensors, metadata)
+        except (SafetensorError, OSError, ValueError) as exc:
+            problem = f"unreadable ({exc})"
+        if problem is None:
+            return tensors
+        logger.warning("note: %s cache entry %s is damaged (%s); recomputing it", self.kind, path, problem)
+        path.unlink(missing_ok=True)
+        return None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         path = self.path(key)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        shapes = {k: list(v.shape) for k, v in tensors.items()}
+        record = {**(metadata or {}), "key": key, "sha256": _content_hash(tensors), "shapes": json.dumps(shapes)}
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata)
+            save_file(tensors, str(tmp), record)
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
+            tmp.unlink(missing_ok=True)
+            if is_no_space(exc):
+                raise DiskFull(
+                    f"no space left on the disk of {self.root} while writing the {self.kind} cache "
+                    f"({size_text(free_bytes(self.root))} free). Nothing trained was lost and every entry written "
+                    "is intact; free space, or set data.cache_dir to a folder on another disk, then run again"
+                ) from None
             raise DataError(
-                f"data.cache_dir: cannot write the {self.kind} cache at {self.root} ({exc.strerror}); "
+                f"data.cache_dir: cannot write the {self.kind} cache at {self.root} ({exc}); "
                 "set data.cache_dir to a writable folder or turn caching off"
             ) from None
+
+
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _problem(key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
+    """What is wrong with an entry read from disk, or None."""
+    if "sha256" not in metadata:
+        return "no recorded hash (written by an older tuner)"
+    if metadata.get("key") != key:
+        return "it belongs to another model or image (its recorded key differs)"
+    shapes = {k: list(v.shape) for k, v in tensors.items()}
+    if json.loads(metadata.get("shapes", "null")) != shapes:
+        return f"its tensors' shapes {shapes} differ from the recorded ones"
+    if _content_hash(tensors) != metadata["sha256"]:
+        return "its content does not match the recorded hash"
+    return None

@@ -190,8 +190,8 @@ def check_data(config: RunConfig, parts=None, *, dataset=None, remember: bool = 
 
 
 def check_paths(config: RunConfig) -> None:
-    """The data folders exist (hub dataset ids aside): a cheap look, so a mistyped `--data` is reported before any
-    model loads. What is inside them is the data check's job."""
+    """The data folders exist and can be read (hub dataset ids aside): a cheap look, so a mistyped `--data` is
+    reported before any model loads. What is inside them is the data check's job."""
     from tuner.data.sources import _looks_like_hub_id
     from tuner.errors import DataError
 
@@ -203,9 +203,25 @@ def check_paths(config: RunConfig) -> None:
         if not local.exists() and not hub_shaped:
             hint = "" if "/" in data.path else "; a hub dataset id? add --set data.source_format=datasets"
             raise DataError(f"data.path = {data.path!r}: no such folder (--data takes a folder of images){hint}")
+        _listable(local, "data.path")
     for index, subset in enumerate(data.subsets):
         if not Path(subset.path).expanduser().is_dir():
             raise DataError(f"data.subsets[{index}].path = {subset.path!r}: no such folder")
+        _listable(Path(subset.path).expanduser(), f"data.subsets[{index}].path")
+
+
+def _listable(folder: Path, field: str) -> None:
+    from tuner.errors import DataError
+
+    if not folder.is_dir():
+        return
+    try:
+        next(os.scandir(folder), None)
+    except PermissionError:
+        raise DataError(
+            f"{field} = {str(folder)!r}: permission denied (this user cannot read the folder); fix its permissions "
+            "or copy the images somewhere readable"
+        ) from None
 
 
 def check_config(
