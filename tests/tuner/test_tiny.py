@@ -42,7 +42,7 @@ def test_make_tiny_cli_writes_a_loadable_pipeline_that_samples(tmp_path, family,
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd1", "sd3", "flux", "zimage"])
 def test_tiny_models_are_deterministic(tmp_path, name):
     a, b = make_tiny(tmp_path / "a", name), make_tiny(tmp_path / "b", name)
     files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
@@ -120,6 +120,27 @@ def test_flux_widths_fit_the_pipeline():
     assert {f"single_transformer_blocks.0.{m}" for m in single} <= names
 
 
+def test_zimage_widths_fit_the_pipeline():
+    """Z-Image embeds Qwen3's hidden states (its width is the transformer's caption width), splits each head's
+    rotary dimensions over three axes, and wraps every prompt in Qwen3's chat layout before tokenizing."""
+    pipe = build_pipeline("zimage")
+    config, qwen = pipe.transformer.config, pipe.text_encoder.config
+    assert config.cap_feat_dim == qwen.hidden_size and qwen.num_hidden_layers >= 2  # penultimate states exist
+    assert sum(config.axes_dims) == config.dim // config.n_heads and config.n_refiner_layers == 1
+    assert config.in_channels == pipe.vae.config.latent_channels == 16 and config.all_patch_size == (2,)
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (0.3611, 0.1159)
+    assert pipe.scheduler.config.shift == 3.0 and not pipe.scheduler.config.use_dynamic_shifting
+    tok = pipe.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": "a red star"}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=True)  # fmt: skip
+    assert text == "<|im_start|>user\na red star<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.tokenize(text)[:6] == ["<|im_start|>", "user", "Ċ", "a", "Ġred", "Ġstar"]
+    assert tok.convert_ids_to_tokens(tok.pad_token_id) == "<|endoftext|>" and tok.model_max_length == 32
+    names = {n for n, _ in pipe.transformer.named_modules()}
+    for block in ("layers.0", "noise_refiner.0", "context_refiner.0"):
+        assert {f"{block}.attention.to_q", f"{block}.feed_forward.w2"} <= names
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_flow_pipelines_load_a_diffusers_lora(tmp_path, tiny_models, name):
     from peft import LoraConfig
@@ -144,10 +165,10 @@ def test_flow_pipelines_load_a_diffusers_lora(tmp_path, tiny_models, name):
 def test_unknown_family_lists_the_allowed_ones(capsys):
     with pytest.raises(TunerError, match="allowed: " + ", ".join(FAMILIES)):
         build_pipeline("sd4")
-    assert FAMILIES == ("sd1", "sd2", "sdxl", "sd3", "flux")
+    assert FAMILIES == ("sd1", "sd2", "sdxl", "sd3", "flux", "zimage")
     with pytest.raises(SystemExit):
         main(["make-tiny", "unused", "--family", "sd4"])
-    assert "'sd1', 'sd2', 'sdxl', 'sd3', 'flux'" in capsys.readouterr().err
+    assert "'sd1', 'sd2', 'sdxl', 'sd3', 'flux', 'zimage'" in capsys.readouterr().err
 
 
 def test_family_detection(tiny_models, family):
