@@ -67,9 +67,10 @@ def train(config: RunConfig, resume: str | None = None, *, summary: bool = True)
     m = config.model
     weight_dtype = runtime.WEIGHT_DTYPES[tc.mixed_precision]
     trainer = get_trainer(config.method)(config)
-    check_trainable(m.pretrained_model_name_or_path, m.revision, trainer.capability(), LossOptions.from_config(config))
+    check_trainable(m.pretrained_model_name_or_path, m.revision, trainer.capability(), LossOptions.from_config(config),
+                    m.quantize)  # fmt: skip
     parts = load_parts(m.pretrained_model_name_or_path, m.revision, m.variant, m.vae, accelerator.device, weight_dtype,
-                       tokenizer_from=m.tokenizer_from)  # fmt: skip
+                       tokenizer_from=m.tokenizer_from, quantize=m.quantize)  # fmt: skip
     parts.guidance_scale = tc.guidance_scale
     trainables = trainer.prepare(parts)
     params = trainables.parameters()

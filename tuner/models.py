@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuner import quantize as quantization
 from tuner import single_file
 from tuner.errors import TunerError
 from tuner.families import FAMILIES, Family, family_of_pipeline, variant_of
@@ -112,9 +113,12 @@ def detect_family(source: str, revision: str | None = None) -> tuple[Family, str
     return FAMILIES["sd2" if is_sd2 else "sd1"], prediction
 
 
-def check_trainable(name_or_path: str, revision: str | None, capability: str, loss_options: Any) -> Family:
-    """The model's family, after refusing (before any weight loads) a method or loss option it cannot train.
-    A single-file checkpoint is recognized by its keys here, before it is converted."""
+def check_trainable(
+    name_or_path: str, revision: str | None, capability: str, loss_options: Any, quantize: str = "none"
+) -> Family:
+    """The model's family, after refusing (before any weight loads) a method or loss option it cannot train, or
+    a quantized base (`tuner.quantize.check`). A single-file checkpoint is recognized by its keys here."""
+    quantization.check(quantize, capability, name_or_path)
     source = name_or_path if single_file.is_single_file(name_or_path) else resolve_model_path(name_or_path)
     family, _ = detect_family(source, revision)
     family.check_method(capability, name_or_path)
@@ -182,6 +186,12 @@ class Parts:
         }
 
     @property
+    def compute_dtype(self, model: nn.Module) -> torch.dtype:
+        """The dtype `model` takes its inputs in: its weights' own, or the run's weight dtype where they are stored
+        quantized (float8, int8 or 4-bit, cast up layer by layer while it runs)."""
+        dtype = next(self.unwrapped(model).parameters()).dtype
+        return dtype if dtype.is_floating_point and dtype.itemsize > 1 else self.weight_dtype
+
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -207,6 +217,14 @@ class Parts:
 
 
 def _sampling_scheduler(source: str, revision: str | None):
+def _quantized_kwargs(config: Any, device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
+    """`from_pretrained` keywords of a bitsandbytes-quantized part: its config, its device and compute dtype."""
+    if config is None:
+        return {}
+    index = torch.device(device).index or 0
+    return {"quantization_config": config, "dtype": dtype, "device_map": {"": index}}
+
+
     """The base model's own inference scheduler (training uses DDPM with the same betas)."""
     import diffusers
 
@@ -224,9 +242,11 @@ def load_parts(
     weight_dtype: torch.dtype = torch.float32,
     tokenizer_from: str | None = None,
 ) -> Parts:
+    quantize: str = "none",
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training noise scheduler of a base pipeline.
 
     A single-file checkpoint loads from its converted diffusers folder (`tuner.single_file.convert`; its
+    `quantize` stores the denoiser and T5 quantized (`tuner.quantize`; `check_trainable` refuses what cannot run).
     tokenizers from `tokenizer_from`, else the Hugging Face cache), which becomes `Parts.source`."""
     import diffusers
     import transformers
@@ -241,7 +261,10 @@ def load_parts(
     kw = {"revision": revision, "variant": variant}
     try:
         denoiser_cls = getattr(diffusers, family.denoiser_class)
-        denoiser = denoiser_cls.from_pretrained(source, subfolder=family.denoiser_component, **kw)
+        quantized = quantization.diffusers_config(quantize, weight_dtype)
+        denoiser = denoiser_cls.from_pretrained(
+            source, subfolder=family.denoiser_component, **kw, **_quantized_kwargs(quantized, device, weight_dtype)
+        )
         vae_model = (
             diffusers.AutoencoderKL.from_pretrained(vae)
             if vae
@@ -250,7 +273,9 @@ def load_parts(
         encoders, tokenizers = [], []
         for spec in family.encoders:
             model_cls = getattr(transformers, spec.model_class)
-            encoders.append(model_cls.from_pretrained(source, subfolder=spec.component, **kw))
+            quantized = None if spec.adaptable else quantization.transformers_config(quantize, weight_dtype)
+            extra = _quantized_kwargs(quantized, device, weight_dtype)
+            encoders.append(model_cls.from_pretrained(source, subfolder=spec.component, **kw, **extra))
             tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder=spec.tokenizer, revision=revision))
         scheduler_cls = getattr(diffusers, family.noise_scheduler_class)
         noise_scheduler = scheduler_cls.from_pretrained(source, subfolder="scheduler", revision=revision)
@@ -259,9 +284,15 @@ def load_parts(
         raise _unreachable(name_or_path, exc) from None
     device = torch.device(device)
     for module in (denoiser, vae_model, *encoders):
+    frozen_base = [denoiser, *(e for spec, e in zip(family.encoders, encoders) if not spec.adaptable)]
         module.requires_grad_(False)
         module.to(device=device, dtype=weight_dtype)
+        if quantize in quantization.BITSANDBYTES and any(module is m for m in frozen_base):
+            continue  # placed and stored by bitsandbytes at load
     return Parts(
+    if quantize == "fp8":
+        for module in frozen_base:
+            quantization.store_fp8(module, weight_dtype)
         family=family,
         source=source,
         prediction_type=prediction,

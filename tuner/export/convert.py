@@ -239,6 +239,7 @@ def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float 
     """Merge the LoRA at `input_path` (either format, any variant) into `model`; save the pipeline to `out`."""
     from tuner.export.merge import apply_kohya
     from tuner.models import resolve_model_path
+    from tuner.quantize import refuse_merge, refuse_quantized_source
 
     input_path, out = Path(input_path), Path(out)
     if out.exists() and any(out.iterdir()):
@@ -250,6 +251,7 @@ def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float 
             f"{input_path}: fusing reads the diffusers form; convert it first (tuner export {input_path} --to "
             "diffusers --out DIR --model BASE), then fuse that file"
         )
+    refuse_quantized_source(source, f"--to fused --model {model}")
     state = read_any(input_path, model)
     pipe = fresh_pipeline(source, complete=True)  # the saved folder keeps every component of the base
     if _loader(input_path, fmt, state).loader == "diffusers":

@@ -4,6 +4,7 @@ Used to check that exported kohya files mean, under those tools' math, what was 
 `up @ down * alpha / rank`; LoHa: `(w1a @ w1b) * (w2a @ w2b) * alpha / rank`; LoKr: `kron(w1, w2)` times
 `alpha / dim` when a factor is low-rank, else 1; DoRA: the merged weight rescaled per output row to
 `dora_scale`, LyCORIS' `wd_on_out`), and to fuse LoHa/LoKr/DoRA kohya files, which diffusers cannot load.
+A quantized base (`model.quantize`, a pre-quantized checkpoint) is refused: its weights cannot hold the delta.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from tuner.errors import TunerError
 from tuner.export.lora_kohya import group_by_module, name_table, read_kohya_tensors
 from tuner.export.state import COMPONENTS, module_paths
+from tuner.quantize import refuse_merge
 
 
 def module_delta(params: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -68,6 +70,9 @@ def apply_kohya(pipe: Any, source: str | Path | dict[str, torch.Tensor], scale: 
     tensors = source if isinstance(source, dict) else read_kohya_tensors(source)[0]
     path = "adapter" if isinstance(source, dict) else source
     num_te = sum(1 for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None)
+    for component in COMPONENTS:
+        if getattr(pipe, component, None) is not None:
+            refuse_merge(getattr(pipe, component), f"merging {path} into {component}")
     live = {c: module_paths(getattr(pipe, c), c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
     # Both UNet name forms (diffusers paths, and the SGM paths kohya writes for SDXL), as A1111/ComfyUI accept.
     names = name_table({c: list(paths) for c, paths in live.items()}, num_te)

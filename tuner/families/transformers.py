@@ -69,7 +69,7 @@ class SD3Family(TransformerFamily):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled.to(parts.device)}
 
     def predict(self, parts, model, noisy, timesteps, cond):
-        dtype = next(parts.unwrapped(model).parameters()).dtype
+        dtype = parts.compute_dtype(model)
         cond = {k: v.to(dtype) for k, v in cond.items()}
         return model(hidden_states=noisy.to(dtype), timestep=timesteps, return_dict=False, **cond)[0]
 
@@ -105,7 +105,7 @@ class FluxFamily(TransformerFamily):
     def predict(self, parts, model, noisy, timesteps, cond):
         from diffusers import FluxPipeline
 
-        dtype = next(parts.unwrapped(model).parameters()).dtype
+        dtype = parts.compute_dtype(model)
         b, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy.to(dtype), b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)

@@ -47,7 +47,7 @@ class UNetFamily(Family):
         return kwargs
 
     def predict(self, parts, model, noisy, timesteps, cond):
-        dtype = next(parts.unwrapped(model).parameters()).dtype
+        dtype = parts.compute_dtype(model)
         return model(noisy.to(dtype), timesteps, **cond).sample
 
 
