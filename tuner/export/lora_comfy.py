@@ -3,10 +3,11 @@
 ComfyUI builds its Z-Image LoRA key map from the diffusers names (`comfy.utils.z_image_to_diffusers`, used by
 `comfy.lora.model_lora_keys_unet` for its Lumina2 model class): `diffusion_model.<path>` (also `transformer.`,
 bare or `lycoris_`) maps onto its own modules, with `attention.to_q/to_k/to_v` as row slices of its fused
-`attention.qkv` and `attention.to_out.0` as `attention.out`. Each module is written as kohya writes one
-(`lora_down.weight`, `lora_up.weight`, a float `alpha`), the form musubi-tuner's `convert_lora.py --target
-other` and ai-toolkit publish and diffusers' `ZImageLoraLoaderMixin` converts on load. Every loader applies
-alpha / rank, so the file means the same in all of them (formats.md §9.0, §9.3).
+`attention.qkv` and `attention.to_out.0` as `attention.out` (copies of that map from before the refiners were
+added to it cover `layers` only). Each module is written as kohya writes one (`lora_down.weight`,
+`lora_up.weight`, a float `alpha`): the form musubi-tuner's `convert_lora.py --target other` writes (ai-toolkit
+uses the same prefix with `lora_A`/`lora_B`), and diffusers' `ZImageLoraLoaderMixin` converts it on load. Every
+loader applies alpha / rank, so the file means the same in all of them (formats.md §9.0, §9.3).
 
 Plain LoRA of the transformer only: ComfyUI's Z-Image map has no text-encoder LoRA, and DoRA/LoHa/LoKr stay in
 the diffusers file.
