@@ -66,7 +66,7 @@ class ZImageFamily(TransformerFamily):
         return {"cap_feats": [row[keep] for row, keep in zip(embeds, mask)]}
 
     def predict(self, parts, model, noisy, timesteps, cond):
-        dtype = next(parts.unwrapped(model).parameters()).dtype
+        dtype = parts.compute_dtype(model)  # a quantized (fp8 / int8 / nf4) base runs in the run's weight dtype
         latents = list(noisy.to(dtype).unsqueeze(2).unbind(0))  # one (C, frames=1, H, W) tensor per example
         captions = [c.to(dtype) for c in cond["cap_feats"]]
         t = 1 - timesteps.to(dtype) / 1000  # Z-Image counts time from noise (0) to image (1)
