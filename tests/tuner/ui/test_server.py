@@ -124,3 +124,41 @@ def test_advanced_fields_come_from_the_schema(preset):
                                                       .annotation.__args__)  # fmt: skip
     assert "data.path" not in keys and "train.output_dir" not in keys  # the form's own
     assert all(f["doc"] for f in keys.values())
+
+
+def test_a_second_run_waits_in_the_queue(tmp_path):
+    """Real `tuner train` children, stopped while they start (nothing trains): the queue order and the states."""
+    import time
+
+    from tuner.ui.process import RunQueue
+    from tuner.ui.store import RunStore
+    from tuner.ui.task import DEFAULT_TASK
+
+    store = RunStore(tmp_path)
+    a, b, c = (store.create(name) for name in "abc")
+    for run in (a, b, c):
+        run.update(task=DEFAULT_TASK)
+    queue = RunQueue(store)
+
+    def wait(run, status):
+        deadline = time.monotonic() + 30
+        while run.state()["status"] != status:
+            assert time.monotonic() < deadline, run.state()
+            time.sleep(0.05)
+
+    try:
+        queue.enqueue(a, resume=False)
+        assert queue.enqueue(b, resume=False)["message"] == "queued behind 1 run(s)"
+        wait(a, "running")
+        assert b.state()["status"] == "queued" and queue.position("b") == 1
+        assert queue.enqueue(c, resume=False)["message"] == "queued behind 2 run(s)"
+        assert queue.stop(c)["status"] == "new" and queue.position("c") is None
+        queue.stop(a)
+        wait(a, "stopped")
+        wait(b, "running")
+        assert "stopped before the first checkpoint" in a.state()["message"]
+        queue.stop(b)
+        wait(b, "stopped")
+        assert "$ tuner train --preset micro-subject-lora" in a.log.read_text()
+    finally:
+        queue.close()
