@@ -99,6 +99,11 @@ class DreamBoothTrainer(Trainer):
         super().__init__(config)
         if config.data.with_prior_preservation and not config.data.class_prompt:
             raise ConfigError('data.class_prompt: prior preservation needs one, e.g. "a photo of dog"')
+        if self.method_config.lora and self.method_config.train_blocks != "all":
+            raise ConfigError(
+                f"dreambooth.train_blocks = {self.method_config.train_blocks!r} picks full-weight blocks; with "
+                "lora = true set the LoRA's targets instead (method = 'lora', lora.unet_target_modules)"
+            )
         self.loss_options = LossOptions.from_config(config)
         self.frozen_unet = None
         self.adapter = None  # the LoRA trainer, for DreamBooth-LoRA

@@ -252,6 +252,11 @@ def test_refusals_name_the_field(tiny_models, photos, tmp_path):
         table(tiny_models["sd3"], photos, tmp_path, "textual_inversion", textual_inversion=ti)))  # fmt: skip
     with pytest.raises(ConfigError, match=r"num_vectors = 2: StableDiffusion3Pipeline has no load_textual_inversion"):
         trainer.prepare(parts)
+    lora_blocks = table(
+        tiny_models["sd3"], photos, tmp_path, "dreambooth", dreambooth={"lora": True, "train_blocks": [0]}
+    )
+    with pytest.raises(ConfigError, match=r"train_blocks = \[0\] picks full-weight blocks; with lora = true"):
+        train(lora_blocks)
     run = table(tiny_models["sd3"], photos, tmp_path / "single", "dreambooth",
                 dreambooth={"save_format": "single_file"})  # fmt: skip
     with pytest.raises(ConfigError, match=r"save_format = 'single_file': no single-file checkpoint writer for sd3"):
