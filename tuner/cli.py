@@ -214,6 +214,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tuner.ui.server import serve
+
+    serve(args.host, args.port, args.runs_dir, args.auth, args.max_upload_mb)
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from tuner import hub
 
@@ -281,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="another base model (default: builtin:micro)")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("ui", help="the personalization workflow in a browser: photos, task, train, compare, publish")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; others need --auth)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--runs-dir", default="tuner-runs", help="folder of the runs (default: ./tuner-runs)")
+    p.add_argument("--auth", metavar="USER:PASSWORD|TOKEN_FILE", help="require HTTP credentials (needed off loopback)")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest photo accepted (default: 25)")
+    p.set_defaults(handler=cmd_ui)
 
     p = sub.add_parser("make-tiny", help="write a tiny random pipeline (for tests and trying things out)")
     p.add_argument("directory")
