@@ -82,6 +82,7 @@ def create_app(runs_dir: str | Path, auth: Auth | None = None, max_upload_mb: fl
     """The FastAPI app over `runs_dir`; `app.state.queue.close()` stops its watcher (and a run still going)."""
     try:
         from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, Response
         from fastapi.staticfiles import StaticFiles
     except ImportError:
@@ -105,6 +106,12 @@ def create_app(runs_dir: str | Path, auth: Auth | None = None, max_upload_mb: fl
     @app.exception_handler(TunerError)
     async def _user_error(request: Request, exc: TunerError):
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError):
+        # FastAPI's default answer echoes the submitted values; a request may carry a hub token.
+        fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) + f": {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": f"bad request ({fields})"}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

@@ -162,3 +162,18 @@ def test_a_second_run_waits_in_the_queue(tmp_path):
         assert "$ tuner train --preset micro-subject-lora" in a.log.read_text()
     finally:
         queue.close()
+
+
+def test_a_bad_publish_request_does_not_echo_the_token(tmp_path, serve_app):
+    served = serve_app(tmp_path / "runs")
+    _, body, _ = _request(served.url + "/api/runs", "POST", b"{}", {"Content-Type": "application/json"})
+    run = json.loads(body)["name"]
+    secret = "hf_doNotEchoThis123"
+    payload = json.dumps({"repo_id": "you/x", "token": secret, "private": "maybe"}).encode()
+    status, body, _ = _request(f"{served.url}/api/runs/{run}/publish", "POST", payload,
+                               {"Content-Type": "application/json"})  # fmt: skip
+    assert status == 422 and b"private" in body and secret.encode() not in body
+    payload = json.dumps({"repo_id": "you/x", "token": secret}).encode()
+    status, body, _ = _request(f"{served.url}/api/runs/{run}/publish", "POST", payload,
+                               {"Content-Type": "application/json"})  # fmt: skip
+    assert status == 400 and b"has not finished" in body and secret.encode() not in body
