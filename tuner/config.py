@@ -177,6 +177,11 @@ class OptimizerConfig(Section):
     """Adam epsilon."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping norm (none to disable)."""
+    fused_backward: bool = False
+    """Full fine-tuning memory lever: step each parameter's optimizer in the backward pass as soon as its gradient
+    is complete, then free that gradient, so the run never holds every gradient at once (kohya's fused backward
+    pass). Needs gradient_accumulation_steps = 1, max_grad_norm = none (clipping needs the global norm of all
+    gradients), one process, no fp16 grad scaler, and an optimizer that steps parameters independently."""
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
@@ -214,6 +219,14 @@ class TrainConfig(Section):
     """Noise offset (brighter darks and darker brights)."""
     input_perturbation: float = Field(0.0, ge=0)
     """Input perturbation of the noise (regularizes, ~0.1)."""
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    """SDPA kernel on CUDA: torch's choice, or only flash / memory-efficient / cuDNN / math attention."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Channels-last memory format for a convolutional denoiser (UNet); auto: on for UNets on CUDA, where its
+    convolutions run faster, off on the CPU and for transformers (no convolutions to speed up)."""
+    compile: Literal["none", "denoiser", "blocks"] = "none"
+    """torch.compile: none, the whole denoiser, or only its repeated blocks (regional compilation as diffusers
+    does it: compiles each block class once, in seconds instead of minutes, nearly the same speed)."""
     snr_gamma: float | None = None
     """min-SNR-γ loss weighting (5.0 is the paper's value); none to disable."""
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"

@@ -77,7 +77,7 @@ def train(config: RunConfig, resume: str | None = None, *, summary: bool = True)
     runtime.apply_precision(parts, params, tc.mixed_precision)
     runtime.memory_levers(parts, config)
     data = build_training_data(config, parts, trainables.needs, rank=rank, world_size=world)
-    runtime.free_text_encoders(parts, trainables.needs, config)
+    runtime.ready_for_steps(parts, trainables, data, config)
     accelerator.wait_for_everyone()
 
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
@@ -210,6 +210,7 @@ def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state
             last_good = state.save(run_dir, tc.checkpoints_total_limit, accelerator.is_main_process,
                                    accelerator.wait_for_everyone)  # fmt: skip
         if stop_requested:
+        runtime.restore_freed(parts)  # the save and its round trip load every part
             raise TrainingStopped(
                 f"interrupted after step {pos.global_step}; checkpoint saved at {last_good}. "
                 f"Continue with --resume latest (or --resume {last_good})"

@@ -147,8 +147,9 @@ class Parts:
     revision: str | None = None
     guidance_scale: float = 1.0
     """Embedded guidance given to a guidance-distilled denoiser (FLUX.1-dev) in training forward passes."""
-    encoders_offloaded: bool = False
-    """The text encoders wait on the CPU while training reads cached embeddings (`runtime.free_text_encoders`)."""
+    freed: dict[str, int] = field(default_factory=dict)
+    """Frozen parts freed while training reads cached latents / embeddings, with the bytes each held on the
+    device (`runtime.free_cached_parts`); validation brings them back for its renders."""
 
     @classmethod
     def from_pipeline(cls, pipe: Any, source: str = "") -> Parts:

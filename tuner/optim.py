@@ -79,7 +79,14 @@ def build_optimizer(
     device: torch.device | str = "cpu",
     fsdp: bool = False,
 ) -> torch.optim.Optimizer:
-    """The optimizer `config.name` names, over the trainer's parameter groups."""
+    """The optimizer `config.name` names, over the trainer's parameter groups (stepped in the backward pass,
+    one parameter at a time, with `fused_backward`)."""
+    if config.fused_backward:
+        from tuner.fused_backward import FusedBackwardOptimizer
+
+        groups = resolve_groups(config, param_groups)
+        plain = config.model_copy(update={"fused_backward": False})
+        return FusedBackwardOptimizer(groups, lambda group: build_optimizer(plain, [group], device, fsdp))
     groups = resolve_groups(config, param_groups)
     betas = (config.adam_beta1, config.adam_beta2)
     common = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
@@ -104,6 +111,44 @@ def build_optimizer(
             groups, scale_parameter=False, relative_step=False, warmup_init=False, beta1=None, **common
         )
     raise ConfigError(f"optimizer.name = {config.name!r}: allowed: adamw8bit, adamw, prodigy, adafactor")
+
+
+def check_fused_backward(config) -> None:
+    """Refuse `optimizer.fused_backward` where a step needs all gradients at once, or cannot be split."""
+    import os
+
+    oc, tc = config.optimizer, config.train
+    if not oc.fused_backward:
+        return
+    field = "optimizer.fused_backward = true"
+    if tc.gradient_accumulation_steps > 1:
+        raise ConfigError(
+            f"{field} with train.gradient_accumulation_steps = {tc.gradient_accumulation_steps}: each gradient is "
+            "applied and freed as soon as backward completes it, so there is nothing left to accumulate into; "
+            "set gradient_accumulation_steps = 1 (raise train_batch_size instead) or fused_backward = false"
+        )
+    if oc.max_grad_norm is not None:
+        raise ConfigError(
+            f"{field} with optimizer.max_grad_norm = {oc.max_grad_norm:g}: clipping scales every gradient by the "
+            "global norm of all of them, which is known only after the last one, when the others are already "
+            "applied; set max_grad_norm = none (kohya's fused backward pass does not clip either) or "
+            "fused_backward = false"
+        )
+    if oc.name == "prodigy":
+        raise ConfigError(
+            f"{field} with optimizer.name = 'prodigy': Prodigy estimates one step size from all parameters "
+            "together, which a per-parameter step cannot; pick adamw, adamw8bit or adafactor"
+        )
+    if tc.mixed_precision == "fp16":
+        raise ConfigError(
+            f"{field} with train.mixed_precision = 'fp16': the grad scaler unscales and checks all gradients "
+            "before a step; use 'bf16' (or 'no') with fused_backward"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"{field} with several processes: DDP averages gradients across processes after backward hands them "
+            "over, so a step inside backward would apply this process's gradient alone; train on one process"
+        )
 
 
 def build_lr_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, max_train_steps: int):

@@ -77,12 +77,15 @@ class StopSignal:
 
 def run_summary(config: RunConfig, parts, optimizer, data, world: int, resume_from: Path | None) -> str:
     """The resolved config in a few lines, printed before training starts."""
+    from tuner import runtime, speed
+
     tc, oc = config.train, config.optimizer
     global_batch = tc.train_batch_size * tc.gradient_accumulation_steps * world
-    groups = ", ".join(
-        f"{g['name']} {sum(p.numel() for p in g['params']):,} @ {g.get('initial_lr', g['lr']):g}"
-        for g in optimizer.param_groups
-    )
+    by_name: dict[str, list] = {}  # a fused-backward optimizer has one group per parameter
+    for g in optimizer.param_groups:
+        entry = by_name.setdefault(g.get("name", "params"), [0, g.get("initial_lr", g["lr"])])
+        entry[0] += sum(p.numel() for p in g["params"])
+    groups = ", ".join(f"{name} {count:,} @ {lr:g}" for name, (count, lr) in by_name.items())
     epochs = math.ceil(tc.max_train_steps * tc.gradient_accumulation_steps / max(data.batches_per_epoch, 1))
     sources = config.data.path or " + ".join(subset.path for subset in config.data.subsets)
     lines = [
@@ -92,8 +95,12 @@ def run_summary(config: RunConfig, parts, optimizer, data, world: int, resume_fr
         f"× {world} process(es) = {global_batch} images/step",
         f"  optimizer {oc.name} ({oc.lr_scheduler}, warmup {oc.lr_warmup_steps}) · trainable: {groups}",
         f"  precision {tc.mixed_precision} · gradient checkpointing {'on' if tc.gradient_checkpointing else 'off'} "
-        f"· attention {tc.attention} · EMA {'on' if tc.use_ema else 'off'} · seed {tc.seed}"
-        + (" · text encoders freed (embeddings cached)" if getattr(parts, "encoders_offloaded", False) else ""),
+        f"· EMA {'on' if tc.use_ema else 'off'} · seed {tc.seed}",
+        f"  speed: {speed.describe(config, parts)}",
+        f"  freed after caching: {runtime.describe_freed(parts.freed)} "
+        f"({'moved to the CPU' if parts.device.type != 'cpu' else 'spilled to disk'}, back for validation)"
+        if parts.freed
+        else "  freed after caching: nothing (a training step still calls every loaded part)",
         f"  output {tc.output_dir} · checkpoint every {tc.checkpointing_steps} (keep {tc.checkpoints_total_limit})"
         + (f" · resuming from {resume_from}" if resume_from else ""),
     ]

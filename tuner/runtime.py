@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuner import speed
 from tuner.config import RunConfig
 from tuner.errors import ConfigError, TunerError
 from tuner.tracking import check_backend
@@ -25,8 +26,12 @@ WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 def check_environment(config: RunConfig) -> None:
     """Refuse, before anything loads, what this machine cannot do."""
+    from tuner.optim import check_fused_backward
+
     tc = config.train
     check_backend(tc.report_to)
+    speed.check(config)
+    check_fused_backward(config)
     if tc.attention == "xformers":
         if not torch.cuda.is_available():
             raise ConfigError("train.attention = 'xformers' needs a CUDA GPU; use 'sdpa' (the default) here")
@@ -47,9 +52,7 @@ def make_accelerator(config: RunConfig):
 
     tc = config.train
     run_dir = os.fspath(tc.output_dir)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = tc.allow_tf32
-        torch.backends.cudnn.allow_tf32 = tc.allow_tf32
+    speed.set_globals(config)  # TF32, SDPA kernels
     return Accelerator(
         # Launched as several processes on a machine without CUDA: DDP over gloo on the CPU, not N lone runs.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -90,34 +93,72 @@ def memory_levers(parts, config: RunConfig) -> None:
             parts.unwrapped(module).enable_xformers_memory_efficient_attention()
 
 
-def free_text_encoders(parts, needs: frozenset[str], config: RunConfig) -> None:
-    """With every caption's embeddings cached and no encoder training, move the text encoders (T5 is gigabytes)
-    off the accelerator before the first step; validation brings them back for its renders (`encoders_on`)."""
-    cached = config.data.cache_text_embeds and "input_ids" not in needs
-    if not cached or parts.device.type == "cpu":
-        return
-    for encoder in parts.text_encoders:
-        encoder.to("cpu")
-    parts.encoders_offloaded = True
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def ready_for_steps(parts, trainables, data, config: RunConfig) -> None:
+    """Once the caches are full: free what no step calls, then channels-last and compile (`tuner.speed`)."""
+    free_cached_parts(parts, trainables, data, config)
+    speed.apply(parts, config)
+
+
+def free_cached_parts(parts, trainables, data, config: RunConfig) -> dict[str, int]:
+    """After the caches are filled: free the frozen parts no training step calls -> {part: bytes freed}.
+
+    The text encoders go when every caption's embeddings are cached and none trains; the VAE when every latent is
+    cached and no step reads pixels. On a GPU they move to the CPU; on the CPU they are spilled to a file next
+    to the data cache. Validation and class images bring them back (`encoders_on`); `restore_freed` before
+    the final save. Recorded on `parts.freed` for the run header."""
+    from tuner import offload
+
+    assembler = data.assembler
+    trained = {id(m) for m in trainables.modules.values()}
+    idle_text = assembler.text_cached or not assembler.want_text
+    candidates: list[tuple[str, nn.Module]] = []
+    if idle_text and "input_ids" not in trainables.needs:
+        names = [spec.component for spec in parts.family.encoders]
+        candidates += list(zip(names, parts.text_encoders))
+    if "pixels" not in trainables.needs and (assembler.latents_cached or not assembler.want_latents):
+        candidates.append(("vae", parts.vae))
+    spill = assembler.cache_dir if parts.device.type == "cpu" else None
+    if spill is not None:
+        os.makedirs(spill, exist_ok=True)
+    for name, module in candidates:
+        if id(module) in trained or any(p.requires_grad for p in module.parameters()):
+            continue
+        parts.freed[name] = offload.free(module, parts.device, spill, name)
+    if parts.freed:
+        logger.info("freed after caching: %s", describe_freed(parts.freed))
+    return parts.freed
+
+
+def describe_freed(freed: dict[str, int]) -> str:
+    return ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in freed.items())
+
+
+def _freed_modules(parts) -> list[nn.Module]:
+    from tuner import offload
+
+    return [m for m in (*parts.text_encoders, parts.vae) if offload.is_freed(m)]
+
+
+def restore_freed(parts) -> None:
+    """Every freed part back on the training device, for good (the end of a run: save and round trip)."""
+    from tuner import offload
+
+    for module in (*parts.text_encoders, parts.vae):
+        offload.restore(module)
 
 
 @contextmanager
 def encoders_on(parts) -> Iterator[None]:
-    """The text encoders on the training device for the duration (sampling needs them), then freed again."""
-    if not getattr(parts, "encoders_offloaded", False):
-        yield
-        return
-    for encoder in parts.text_encoders:
-        encoder.to(parts.device)
+    """The parts freed after caching (text encoders, VAE) back on the device for the duration (sampling needs
+    them), then freed again."""
+    from tuner import offload
+
+    again = [(module, offload.restore(module)) for module in _freed_modules(parts)]
     try:
         yield
     finally:
-        for encoder in parts.text_encoders:
-            encoder.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        for module, (device, spill, name) in again:
+            offload.free(module, device, spill, name)
 
 
 def prepare(accelerator, parts, modules: dict[str, nn.Module], optimizer, scheduler, micro_batch: int):
