@@ -213,12 +213,6 @@ class TrainConfig(Section):
     """Trade compute for memory in the UNet and text encoders."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: torch SDPA, or xformers (CUDA only, when installed)."""
-    seed: int = 0
-    """Seed for weights init, data order, noise and augmentation."""
-    noise_offset: float = Field(0.0, ge=0)
-    """Noise offset (brighter darks and darker brights)."""
-    input_perturbation: float = Field(0.0, ge=0)
-    """Input perturbation of the noise (regularizes, ~0.1)."""
     sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
     """SDPA kernel on CUDA: torch's choice, or only flash / memory-efficient / cuDNN / math attention."""
     channels_last: Literal["auto", "on", "off"] = "auto"
@@ -227,6 +221,12 @@ class TrainConfig(Section):
     compile: Literal["none", "denoiser", "blocks"] = "none"
     """torch.compile: none, the whole denoiser, or only its repeated blocks (regional compilation as diffusers
     does it: compiles each block class once, in seconds instead of minutes, nearly the same speed)."""
+    seed: int = 0
+    """Seed for weights init, data order, noise and augmentation."""
+    noise_offset: float = Field(0.0, ge=0)
+    """Noise offset (brighter darks and darker brights)."""
+    input_perturbation: float = Field(0.0, ge=0)
+    """Input perturbation of the noise (regularizes, ~0.1)."""
     snr_gamma: float | None = None
     """min-SNR-γ loss weighting (5.0 is the paper's value); none to disable."""
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"

@@ -127,6 +127,7 @@ def train(config: RunConfig, resume: str | None = None, *, summary: bool = True)
         trainer.global_step = state.position.global_step  # steps done, for what `save` records
         if ema is not None:
             ema.copy_to(params)
+        runtime.restore_freed(parts)  # the save and its round trip load every part
         with runtime.full_parameters(accelerator, wrapped):
             for key, module in wrapped.items():
                 runtime.place(parts, key, accelerator.unwrap_model(module, keep_fp32_wrapper=False))
@@ -210,7 +211,6 @@ def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state
             last_good = state.save(run_dir, tc.checkpoints_total_limit, accelerator.is_main_process,
                                    accelerator.wait_for_everyone)  # fmt: skip
         if stop_requested:
-        runtime.restore_freed(parts)  # the save and its round trip load every part
             raise TrainingStopped(
                 f"interrupted after step {pos.global_step}; checkpoint saved at {last_good}. "
                 f"Continue with --resume latest (or --resume {last_good})"
