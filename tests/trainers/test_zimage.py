@@ -99,10 +99,9 @@ def test_zimage_comfyui_file_means_what_was_trained_and_converts_both_ways(tiny_
         if "lora_B" in name:
             param.data = torch.randn(param.shape, generator=gen) * 0.05
     out = tmp_path / "out"
-    files, report = export_lora(parts, collect_state(adapted_models(parts), ADAPTER_NAME), out, "zi", 64)
+    state = collect_state(adapted_models(parts), ADAPTER_NAME)
+    files, _ = export_lora(parts, state, out, "zi", 64, verify=False)  # the loop's runs check them (flow tests)
     assert [f.path for f in files] == ["pytorch_lora_weights.safetensors", "zi.safetensors"]
-    assert set(report["roundtrip"]) == {"pytorch_lora_weights.safetensors via diffusers", "zi.safetensors via "
-                                        "comfyui", "zi.safetensors via diffusers"}  # fmt: skip
     tensors = load_file(str(out / "zi.safetensors"))
     assert any(k.startswith("diffusion_model.layers.0.feed_forward.w2.") for k in tensors)
     assert not any("embedder" in k or "adaLN" in k or "norm" in k for k in tensors)  # all-linear's exclusions
@@ -113,9 +112,9 @@ def test_zimage_comfyui_file_means_what_was_trained_and_converts_both_ways(tiny_
     with pytest.raises(TunerError, match=r"dropped.safetensors via comfyui: transformer"):
         verify_files(model, reference, [Check(tmp_path / "dropped.safetensors", "comfyui")])
 
-    back = export(out / "zi.safetensors", "diffusers", tmp_path / "conv", model=model)
+    back = export(out / "zi.safetensors", "diffusers", tmp_path / "conv", model=model)  # both loaded and compared
     assert file_format(back) == "peft"
-    again = export(back, "kohya", tmp_path / "conv" / "again.safetensors", model=model)
+    again = export(back, "kohya", tmp_path / "conv" / "again.safetensors")  # the family from the file's ModelSpec
     assert file_format(again) == "comfyui"
     twice = load_file(str(again))
     assert twice.keys() == tensors.keys() and all(torch.allclose(twice[k], tensors[k], rtol=1e-6) for k in tensors)
