@@ -58,7 +58,8 @@ class DreamBoothConfig(MethodConfig):
     train_blocks: Literal["all"] | list[int | str] = "all"
     """Full fine-tune: which denoiser blocks train. `"all"`, or a list of block indices (the family's block lists
     numbered one after another: SD3 `transformer_blocks`; FLUX.1 its double-stream `transformer_blocks`, then
-    the single-stream ones) and parameter-name patterns (`"transformer_blocks.1.*"`, `"*.attn.*"`)."""
+    the single-stream ones) and parameter-name patterns (`"transformer_blocks.1.*"`, `"*.attn.*"`). With a
+    selection the other blocks stay in the weight dtype (less memory), and the saved denoiser is in it too."""
     single_file_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     """Precision of the tensors in the single-file checkpoint (fp16 is what UIs expect; bf16 keeps the range)."""
     validation_contexts: list[str] = list(CONTEXTS)
@@ -130,7 +131,9 @@ class DreamBoothTrainer(Trainer):
         lr = self.config.optimizer.learning_rate
         te_lr = self.config.optimizer.text_encoder_lr or lr
         self._check_save_format(parts)
-        # Only what trains becomes fp32 (the loop's `apply_precision`): frozen blocks keep the weight dtype.
+        if cfg.train_blocks == "all":
+            parts.denoiser.to(torch.float32)  # saved in fp32, as trained
+        # else only what trains becomes fp32 (the loop's `apply_precision`): frozen blocks keep the weight dtype.
         chosen = selected_parameters(parts.denoiser, parts.family.block_lists, cfg.train_blocks)
         parts.denoiser.requires_grad_(False)
         for _, param in chosen:
@@ -180,6 +183,10 @@ class DreamBoothTrainer(Trainer):
 
         family = parts.family
         denoiser = parts.unwrapped(parts.denoiser)
+        if self.method_config.train_blocks != "all":  # one dtype in the files: the frozen blocks' (the base's)
+            with torch.no_grad():
+                for param in denoiser.parameters():
+                    param.data = param.data.to(parts.weight_dtype)
         component, cls = family.denoiser_component, family.denoiser_class
         base = self.config.model.pretrained_model_name_or_path
         save_format = self.method_config.save_format
