@@ -8,6 +8,7 @@ through the VAE and back (stock pipelines either fail on an empty step list or n
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,9 @@ def load_init_images(
             raise TunerError(f"strength {strength:g}: must be between 0 and 1 (0 = the init image unchanged)")
     out = []
     for i, path in enumerate(images):
-        image = _read(path, f"{field}[{i}]").convert("RGB")
-        mask = _read(masks[i], f"{mask_field}[{i}]").convert("L") if masks and masks[i] else None
+        at = "" if field.startswith("--") else f"[{i}]"  # a command-line flag takes one image
+        image = _read(path, f"{field}{at}").convert("RGB")
+        mask = _read(masks[i], f"{mask_field}{at}").convert("L") if masks and masks[i] else None
         if mask is not None and mask.size != image.size:
             mask = mask.resize(image.size, Image.Resampling.NEAREST)
         out += [InitImage(image, float(s), mask, Path(path).stem) for s in strengths]
@@ -81,12 +83,15 @@ def image_pipeline(pipe: Any, init: InitImage) -> Any:
     return derived
 
 
-def call_kwargs(init: InitImage, width: int | None, height: int | None) -> dict[str, Any]:
-    """The image arguments of the pipeline call, the init image (and mask) resized to the sample size."""
+def call_kwargs(init: InitImage, width: int | None, height: int | None, pipe: Any = None) -> dict[str, Any]:
+    """The image arguments of the pipeline call, the init image (and mask) resized to the sample size; the size
+    too where the pipeline takes one (inpainting, FLUX.1 img2img), else it would pick its own default."""
     image = _sized(init.image, width, height)
     kwargs: dict[str, Any] = {"image": image, "strength": init.strength}
     if init.mask is not None:
-        kwargs |= {"mask_image": _sized(init.mask, width, height), "width": image.width, "height": image.height}
+        kwargs["mask_image"] = _sized(init.mask, width, height)
+    if init.mask is not None or (pipe is not None and "height" in inspect.signature(pipe.__call__).parameters):
+        kwargs |= {"width": image.width, "height": image.height}
     return kwargs
 
 

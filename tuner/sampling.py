@@ -128,8 +128,9 @@ def sample(
     out.mkdir(parents=True, exist_ok=True)
     written = SampleResult()
     if write_images:
-        slugs = unique_slugs([r.prompt for r in rows])
-        for r, (row, row_slug) in enumerate(zip(rows, slugs)):
+        slugs = unique_slugs(prompts)  # rows repeat the prompts once per init image x strength
+        for r, row in enumerate(rows):
+            row_slug = slugs[r % len(prompts)]
             init_part = f"_{row.init.kind}{row.init.strength:g}" if row.init else ""
             for c, column in enumerate(result.columns):
                 sampler_part = f"_{slug(column.sampler or 'default', 30)}" if len(samplers) > 1 else ""
@@ -252,7 +253,7 @@ def load_embedding(pipe: Any, spec: Embedding) -> str:
     """Add a textual-inversion embedding to the pipeline's tokenizer(s) and text encoder(s); returns the token.
 
     Accepted files: `{token: T}` (diffusers), `{"emb_params": T}` (kohya, A1111), and for SDXL
-    `{"clip_l": T, "clip_g": T}`. The default token is the single key of a diffusers file, else the file stem
+    `{"clip_l": T, "clip_g": T}`; for SD3 / FLUX.1 `clip_l` (`clip_g`) and optionally `t5xxl` / `t5`. The default token is the single key of a diffusers file, else the file stem
     (as A1111 names embeddings).
     """
     from safetensors.torch import load_file
@@ -265,6 +266,10 @@ def load_embedding(pipe: Any, spec: Embedding) -> str:
     two_encoders = getattr(pipe, "text_encoder_2", None) is not None
     token = spec.token
     try:
+        from tuner.export.embeddings import load_keyed, takes_keyed_files
+
+        if takes_keyed_files(pipe):  # SD3 / FLUX.1: clip_l, clip_g, t5xxl keys name the encoders
+            return load_keyed(pipe, path, state, token)
         if two_encoders:
             if not {"clip_l", "clip_g"} <= state.keys():
                 raise TunerError(

@@ -62,12 +62,17 @@ def render(
     if init is not None and init.strength == 0:
         kept = round_trip(pipe, init.image, width, height)
         return [[kept.copy() for _ in seeds] for _ in prompts]
+    if init is not None and int(num_inference_steps * init.strength) < 1:
+        raise TunerError(
+            f"strength {init.strength:g} x {num_inference_steps} steps leaves no denoising step (the stock pipeline "
+            "runs strength x steps of them); raise the steps or the strength"
+        )
     fixed: dict[str, Any] = dict(num_inference_steps=num_inference_steps, output_type="pil", **call_kwargs(pipe))
     fixed |= (guidance or GuidanceSchedule()).call_kwargs(pipe, guidance_scale)
     target = pipe
     if init is not None:
         target = image_pipeline(pipe, init)
-        fixed |= init_call_kwargs(init, width, height)
+        fixed |= init_call_kwargs(init, width, height, target)
     else:
         fixed |= dict(width=width, height=height)
     weighted = needs_weighting(pipe, negative) or any(needs_weighting(pipe, p) for p in prompts)
