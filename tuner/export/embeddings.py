@@ -271,3 +271,57 @@ def check_embeddings(
                 )
             worst = max(worst, diff)
     return worst
+
+
+def takes_keyed_files(pipe: Any) -> bool:
+    """Whether `pipe` belongs to a family whose embedding files are keyed by encoder and that has a non-CLIP
+    encoder (SD3, FLUX.1, or one with no CLIP at all): `load_keyed` loads those."""
+    from tuner.families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
+    return family is not None and not all(spec.takes_new_tokens for spec in family.encoders)
+
+
+def load_keyed(pipe: Any, path: Path, state: dict[str, torch.Tensor], token: str | None = None) -> str:
+    """Load an embedding file into the encoders its keys name (`clip_l`, `clip_g`, `t5xxl` / `t5`): every CLIP
+    encoder of the pipeline needs its key, T5 is loaded when present. A one-tensor file (`{token: T}`,
+    `emb_params`) fits a pipeline with one CLIP encoder. The token defaults to a diffusers file's key, else the
+    file stem (as A1111 and ComfyUI name embeddings). Returns the token."""
+    from tuner.families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
+    specs = list(enumerate(family.encoders))
+    clip = [(i, spec) for i, spec in specs if spec.takes_new_tokens]
+    if not clip:
+        raise TunerError(
+            f"--embedding {str(path)!r}: {family.pipeline_class} has no CLIP text encoder to take a token"
+        )
+    found = []
+    for i, spec in specs:
+        key = next((k for k in (spec.embedding_key, *KEY_ALIASES.get(spec.embedding_key, ())) if k in state), None)
+        if key is not None:
+            found.append((i, spec, key))
+    if not found and len(state) == 1 and len(clip) == 1:
+        (key,) = state
+        found = [(clip[0][0], clip[0][1], key)]
+        token = token or (Path(path).stem if key == "emb_params" else key)
+    token = token or Path(path).stem
+    missing = [
+        spec.embedding_key for _, spec in clip if spec.embedding_key not in {s.embedding_key for _, s, _ in found}
+    ]
+    if missing:
+        raise TunerError(
+            f"--embedding {str(path)!r}: {family.pipeline_class} needs the key(s) {missing} (one tensor per CLIP "
+            f"encoder, as `tuner train` writes `<token>.safetensors`); this file has {sorted(state)}"
+        )
+    file = EmbeddingFile(
+        Path(path),
+        "portable",
+        tuple(range(len(found))),
+        tuple(key for _, _, key in found),
+        tuple((spec.component, spec.tokenizer) for _, spec, _ in found),
+        unet_tools=False,
+        loader="diffusers" if pipeline_loads_embeddings(family) else "transformers",
+    )
+    load_into(pipe, file, token)
+    return token
