@@ -253,8 +253,8 @@ def load_embedding(pipe: Any, spec: Embedding) -> str:
     """Add a textual-inversion embedding to the pipeline's tokenizer(s) and text encoder(s); returns the token.
 
     Accepted files: `{token: T}` (diffusers), `{"emb_params": T}` (kohya, A1111), and for SDXL
-    `{"clip_l": T, "clip_g": T}`; for SD3 / FLUX.1 `clip_l` (`clip_g`) and optionally `t5xxl` / `t5`. The default token is the single key of a diffusers file, else the file stem
-    (as A1111 names embeddings).
+    `{"clip_l": T, "clip_g": T}`; for SD3 / FLUX.1 `clip_l` (`clip_g`) and optionally `t5xxl` / `t5`. The
+    default token is the single key of a diffusers file, else the file stem (as A1111 names embeddings).
     """
     from safetensors.torch import load_file
 
