@@ -84,7 +84,7 @@ class RunQueue:
         self.queue: collections.deque[tuple[str, bool]] = collections.deque()
         self.current: tuple[Run, subprocess.Popen] | None = None
         self.stop_asked: set[str] = set()
-        self.stamps: dict[str, dict[int, float]] = {}
+        self.stamps: dict[str, dict[int, float | None]] = {}  # step -> when it appeared
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tuner-ui-runs", daemon=True)
@@ -136,7 +136,7 @@ class RunQueue:
         out: dict[str, Any] = {"step": step, "total": total, "loss": last.get("loss"), "lr": lr,
                                "it_s": None, "eta_s": None}  # fmt: skip
         stamps = self.stamps.get(run.name, {})
-        seen = sorted(s for s in stamps if s <= step)[-20:]
+        seen = sorted(s for s, t in stamps.items() if s <= step and t is not None)[-20:]
         if len(seen) >= 2 and stamps[seen[-1]] > stamps[seen[0]]:
             rate = (seen[-1] - seen[0]) / (stamps[seen[-1]] - stamps[seen[0]])
             out["it_s"] = round(rate, 3)
@@ -184,10 +184,12 @@ class RunQueue:
         with run.log.open("ab") as log:
             log.write(("\n$ tuner " + " ".join(cmd[3:]) + "\n").encode())
             log.flush()
+            # its own session: a Ctrl-C at the server's terminal reaches the server, which then stops the run itself
             kwargs = {"preexec_fn": _die_with_parent} if sys.platform == "linux" else {}
+            kwargs["start_new_session"] = True
             proc = subprocess.Popen(cmd, cwd=run.root, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, **kwargs)  # fmt: skip
-        self.stamps[run.name] = {}
+        self.stamps[run.name] = {int(row["step"]): None for row in _metrics(run) if "step" in row}  # not timed
         run.update(status="running", pid=proc.pid, message="resuming from the latest checkpoint" if resume else
                    "loading the model and the data", started=time.time())  # fmt: skip
         return proc

@@ -91,7 +91,8 @@ class Run:
     def checkpoints(self) -> list[str]:
         if not self.output.is_dir():
             return []
-        return sorted(p.name for p in self.output.glob("checkpoint-*") if p.is_dir())
+        found = [p.name for p in self.output.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+        return sorted(found, key=lambda name: int(name[11:]))
 
     def finished(self) -> bool:
         return (self.output / "artifact.json").is_file()

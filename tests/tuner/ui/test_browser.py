@@ -9,6 +9,7 @@ server and find the finished run. `TUNER_UI_SCREENSHOT=docs/ui.png` also writes 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -50,6 +51,19 @@ def _bad_files() -> list[dict]:
     ]
 
 
+def _drop(page, files: list[dict]) -> None:
+    """Drag files onto the drop zone: a real `drop` event carrying a DataTransfer of File objects."""
+    payload = [{"name": f["name"], "b64": base64.b64encode(f["buffer"]).decode()} for f in files]
+    transfer = page.evaluate_handle(
+        """(files) => { const dt = new DataTransfer();
+             for (const f of files) dt.items.add(new File([Uint8Array.from(atob(f.b64), c => c.charCodeAt(0))],
+                                                          f.name, {type: "image/png"}));
+             return dt; }""",
+        payload,
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
 def _set_field(page, key: str, value: str) -> None:
     field = page.locator(f'[name="{key}"]')
     field.fill(value)
@@ -76,7 +90,7 @@ def test_personalize_in_the_browser(tmp_path, serve_app, monkeypatch):
         # 1. photos: eight good ones, four bad ones, a caption edited inline, the data check
         page.locator("#file-input").set_input_files([str(p) for p in photos])
         page.wait_for_function("document.querySelectorAll('#photos .thumb').length === 8")
-        page.locator("#file-input").set_input_files(_bad_files())
+        _drop(page, _bad_files())  # dragged onto the drop zone, as a person would
         page.wait_for_function("document.querySelectorAll('#upload-messages li.refused').length === 4")
         refused = page.locator("#upload-messages li.refused").all_inner_texts()
         for name, reason in [("notes.png", "not an image"), ("empty.png", "zero bytes"),
@@ -122,7 +136,8 @@ def test_personalize_in_the_browser(tmp_path, serve_app, monkeypatch):
         assert "--resume latest" in log and f"resuming from {checkpoint}" in log
         steps = [json.loads(line)["step"] for line in (run / "output/logs/metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, STEPS + 1))  # continued from the checkpoint: no step twice, none missing
-        assert page.inner_text("#stats").startswith(f"step {STEPS}/{STEPS}")
+        stats = page.inner_text("#stats")
+        assert stats.startswith(f"step {STEPS}/{STEPS} · loss ") and " · lr " in stats and " it/s" in stats
         page.wait_for_function("[...document.querySelectorAll('#grids img')].some(i => i.naturalWidth > 0)")
         _shot(page, shots, "4-trained")
 
