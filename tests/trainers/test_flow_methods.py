@@ -201,6 +201,20 @@ def test_sd3_textual_inversion_in_both_clip_encoders_loads_by_its_load_lines(tin
     before = sample(pipe, f"a photo of {TOKEN}")
     exec(artifact.files[2].load, {"pipe": pipe, "safetensors": safetensors})  # the user's own line
     assert np.abs(sample(pipe, f"a photo of {TOKEN}") - before).max() > 1e-4
+    assert_sample_loads(model, out / "sks-toy.safetensors", portable, {"clip_l": 0, "clip_g": 1})
+
+
+def assert_sample_loads(model: Path, path: Path, portable: dict, encoders: dict[str, int]) -> None:
+    """`tuner sample --embedding FILE` puts each key's vectors into its encoder, under the file's stem."""
+    from tuner.sampling import Embedding, load_embedding
+
+    pipe = fresh_pipeline(model)
+    assert load_embedding(pipe, Embedding(path)) == path.stem
+    components = [(pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)]
+    for key, index in encoders.items():
+        encoder, tokenizer = components[index]
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(path.stem)]
+        assert torch.equal(row, portable[key][0]), key
 
 
 def test_flux_pivotal_with_t5_resumes_bitwise_in_phase_two(tiny_models, photos, tmp_path):
@@ -228,6 +242,7 @@ def test_flux_pivotal_with_t5_resumes_bitwise_in_phase_two(tiny_models, photos, 
     exec(artifact.files[2].load, {"pipe": pipe, "safetensors": safetensors})
     pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
     assert np.abs(sample(pipe, f"a photo of {TOKEN}") - before).max() > 1e-4
+    assert_sample_loads(model, out / "sks-toy.safetensors", portable, {"clip_l": 0, "t5xxl": 1})
 
     resumed = killed_and_resumed({**run, "train": {**run["train"], "output_dir": str(tmp_path / "killed")}})
     for name in ("sks-toy.safetensors", "pytorch_lora_weights.safetensors"):
