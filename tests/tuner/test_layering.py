@@ -44,7 +44,8 @@ def test_datasets_folder_is_not_a_package():
     assert not (CORE.parent / "datasets" / "__init__.py").exists()
 
 
-FAMILY_WORDS = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux", "StableDiffusionXLPipeline", "FluxPipeline")
+FAMILY_WORDS = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux", "zimage", "StableDiffusionXLPipeline", "FluxPipeline",
+                "ZImagePipeline")  # fmt: skip
 
 
 def _family_mentions(path: Path) -> list[str]:
