@@ -162,7 +162,9 @@ class Family:
 
     # --- the family-specific hooks ----------------------------------------------------------------------
     def encode(self, parts: Parts, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prompt_embeds, pooled_prompt_embeds) exactly as the stock pipeline computes them (what gets cached)."""
+        """(prompt_embeds, pooled_prompt_embeds) exactly as the stock pipeline computes them (what gets cached).
+        A family without a pooled vector may carry another per-prompt tensor in the second slot (Z-Image: the
+        token mask that cuts each prompt back to its own tokens)."""
         raise NotImplementedError
 
     def conditioning(self, parts: Parts, embeds: torch.Tensor, pooled: torch.Tensor | None, batch: dict) -> dict:
