@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import os
 import sys
@@ -89,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args)
     check_model_source(config.model.pretrained_model_name_or_path)
     check_paths(config)
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -168,7 +169,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         mask=args.mask,
         strengths=args.strength,
         width=args.width,
-
         height=args.height,
         write_images=args.command == "sample",
     )
@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram", type=float, metavar="GB", help="GPU memory: picks the preset's largest tier not above it")
     p.add_argument(
         "--resume", help="continue a run: `latest`, `latest-good` (newest intact checkpoint) or a checkpoint folder"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished or interrupted run in the output folder (refused without it; its cache is kept)",
     )
     p.set_defaults(handler=cmd_train)
 
@@ -325,6 +330,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`tuner presets list | head -1`): stop quietly, and point stdout at /dev/null so
+        # the interpreter's final flush does not fail again. 141 = 128 + SIGPIPE, as a shell reports such a tool.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        from tuner.storage import is_no_space
+
+        if args.verbose or not (is_no_space(exc) or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot write{where}: {exc.strerror}; nothing else was changed", file=sys.stderr)
         return 1
 
 

@@ -207,6 +207,12 @@ class TrainConfig(Section):
     """Write `checkpoint-<step>/` every N steps."""
     checkpoints_total_limit: int | None = Field(3, ge=1)
     """Keep at most this many checkpoints."""
+    keep_final_checkpoint: bool = True
+    """Also write a checkpoint at the last step, so a finished run can be trained further
+    (`--resume latest --set train.max_train_steps=N`); false saves its disk space."""
+    ddp_timeout: int = Field(300, ge=10)
+    """Seconds a process waits for the others in a collective; with several processes, a lost one (killed,
+    out of memory) stops the rest after about this long with a message naming it, instead of a hang."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision; frozen parts are stored in this dtype, trained ones in fp32."""
     gradient_checkpointing: bool = False

@@ -22,17 +22,29 @@ import logging
 import math
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tuner import runtime
-from tuner.checkpoint import Position, TrainingState, capture_rng, list_checkpoints, resolve_resume, restore_rng
+from tuner.checkpoint import (
+    PREFIX,
+    Position,
+    TrainingState,
+    capture_rng,
+    checkpoint_step,
+    list_checkpoints,
+    resolve_resume,
+    restore_rng,
+)
 from tuner.config import RunConfig, save_config
 from tuner.errors import TrainingStopped, TunerError
+from tuner.processes import lost_process, register_process
 from tuner.progress import ProgressBar, StopSignal, closing_summary, run_summary
+from tuner.run_folder import RunLock, check_writable, clear_for_overwrite, finished_run, refuse_new_run
+from tuner.storage import DiskFull, disk_full, is_no_space, save_checkpoint
 from tuner.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -40,10 +52,88 @@ logger = logging.getLogger(__name__)
 MAX_SKIPPED_STEPS = 25  # fp16: consecutive overflow-skipped steps before the guard calls it divergence
 
 
-def train(config: RunConfig, resume: str | None = None, *, summary: bool = True) -> Path:
+def train(config: RunConfig, resume: str | None = None, *, summary: bool = True, overwrite: bool = False) -> Path:
     """Train `config.method` on `config.data`; returns the run folder (artifacts, checkpoints, grids, logs).
 
-    `summary`: end with where everything is, how to load it and how to publish it (`tuner demo` prints its own)."""
+    `summary`: end with where everything is, how to load it and how to publish it (`tuner demo` prints its own).
+    `overwrite`: replace a finished or interrupted run in the folder (never done without it)."""
+    from tuner.data.cache import default_cache_dir
+
+    run_dir = Path(config.train.output_dir)
+    runtime.check_environment(config)
+    check_writable(run_dir, "train.output_dir")
+    if resume and overwrite:
+        raise TunerError("--resume continues the run in the folder and --overwrite replaces it: give one of them")
+    accelerator = runtime.make_accelerator(config)
+    with ExitStack() as held:
+        if accelerator.is_main_process:  # one run at a time per folder; the other processes are this run's own
+            held.enter_context(RunLock(run_dir, "train.output_dir"))
+            held.enter_context(RunLock(default_cache_dir(config), "data.cache_dir"))
+        resume_from = _starting_point(config, accelerator, resume, overwrite)
+        if resume_from is _FINISHED:
+            return run_dir
+        try:
+            return _train(config, accelerator, resume_from, summary)
+        except Exception as exc:
+            done = list_checkpoints(run_dir)
+            if is_no_space(exc) and not isinstance(exc, DiskFull):
+                raise disk_full(run_dir, "the run's outputs", done[-1] if done else resume_from) from None
+            if (lost := lost_process(exc, accelerator, run_dir, done[-1] if done else resume_from)) is not None:
+                raise lost from None
+            raise
+
+
+_FINISHED = Path("<finished>")
+
+
+def _starting_point(config: RunConfig, accelerator, resume: str | None, overwrite: bool) -> Path | None:
+    """The checkpoint to continue from (None: a fresh start), or `_FINISHED` when a finished run has nothing
+    left to train. A finished run is never retrained, and checkpoints of two runs never mix."""
+    tc = config.train
+    run_dir = Path(tc.output_dir)
+    done = finished_run(run_dir)
+    if resume is None:
+        if done is not None and not overwrite:
+            raise refuse_new_run(run_dir, done)
+        if overwrite:
+            accelerator.wait_for_everyone()  # every process has read the folder before it is cleared
+            if accelerator.is_main_process and (removed := clear_for_overwrite(run_dir)):
+                logger.info("--overwrite: removed the earlier run in %s (%s); its cache is kept", run_dir,
+                            ", ".join(removed))  # fmt: skip
+            accelerator.wait_for_everyone()
+        elif list_checkpoints(run_dir):
+            raise TunerError(
+                f"train.output_dir = {str(run_dir)!r} already holds checkpoints of an earlier run; continue it with "
+                "--resume latest, replace it with --overwrite, or pick another output_dir, so checkpoints of two "
+                "runs never mix"
+            )
+        return None
+    if done is not None and done.checkpoint is None:
+        if done.steps is not None and done.steps >= tc.max_train_steps:
+            return _nothing_to_do(accelerator, done.folder, done.steps)
+        raise TunerError(
+            f"--resume {resume}: {run_dir} holds a finished run that kept no checkpoint "
+            "(train.keep_final_checkpoint = false), so it cannot train further; nothing was changed. Start a new "
+            "run with --overwrite or another output_dir"
+        )
+    resume_from = resolve_resume(run_dir, resume, tc.resume_fallback)
+    step = checkpoint_step(resume_from) if resume_from is not None else None
+    if done is not None and step is not None and step >= tc.max_train_steps:
+        return _nothing_to_do(accelerator, done.folder, step)
+    return resume_from
+
+
+def _nothing_to_do(accelerator, run_dir: Path, steps: int) -> Path:
+    if accelerator.is_main_process:
+        print(
+            f"{run_dir} is a finished run ({steps} steps); nothing to do, nothing was changed. To train it further: "
+            f"--resume latest --set train.max_train_steps=N (N > {steps})",
+            flush=True,
+        )
+    return _FINISHED
+
+
+def _train(config: RunConfig, accelerator, resume_from: Path | None, summary: bool) -> Path:
     from accelerate.utils import DistributedType, set_seed
 
     from tuner.data import build_training_data
@@ -54,15 +144,8 @@ def train(config: RunConfig, resume: str | None = None, *, summary: bool = True)
 
     tc = config.train
     run_dir = Path(tc.output_dir)
-    runtime.check_environment(config)
-    accelerator = runtime.make_accelerator(config)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    resume_from = resolve_resume(run_dir, resume, tc.resume_fallback) if resume else None
-    if resume_from is None and list_checkpoints(run_dir):
-        raise TunerError(
-            f"train.output_dir = {str(run_dir)!r} already holds checkpoints of an earlier run; continue it with "
-            "--resume latest, or pick another output_dir, so checkpoints of two runs never mix"
-        )
+    register_process(run_dir, rank, world)
     set_seed(tc.seed)
     m = config.model
     weight_dtype = runtime.WEIGHT_DTYPES[tc.mixed_precision]
@@ -104,7 +187,7 @@ def train(config: RunConfig, resume: str | None = None, *, summary: bool = True)
         sharded=sharded,
         config=config.to_dict(),
     )
-    if tc.checkpointing_steps <= tc.max_train_steps:
+    if tc.checkpointing_steps <= tc.max_train_steps or tc.keep_final_checkpoint:
         state.check_storable()
     if resume_from is not None:
         for warning in state.load(resume_from):
@@ -208,8 +291,8 @@ def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state
             tracker.log({"loss": sum(interval) / len(interval), "grad_norm": norm_value, **lrs}, pos.global_step)
             interval = []
         if stop_requested or pos.global_step % tc.checkpointing_steps == 0:
-            last_good = state.save(run_dir, tc.checkpoints_total_limit, accelerator.is_main_process,
-                                   accelerator.wait_for_everyone)  # fmt: skip
+            last_good = save_checkpoint(state, run_dir, tc.checkpoints_total_limit, accelerator.is_main_process,
+                                        accelerator.wait_for_everyone, last_good)  # fmt: skip
         if stop_requested:
             raise TrainingStopped(
                 f"interrupted after step {pos.global_step}; checkpoint saved at {last_good}. "
@@ -218,6 +301,9 @@ def _run_steps(config, accelerator, trainer, parts, wrapped, params, data, state
         if _validated_at(config, pos.global_step) and config.validation.enabled:
             with runtime.full_parameters(accelerator, wrapped):
                 _validate(accelerator, trainer, parts, wrapped, state.ema, params, state, tracker, run_dir)
+    if tc.keep_final_checkpoint and not (run_dir / f"{PREFIX}{pos.global_step}").is_dir():
+        last_good = save_checkpoint(state, run_dir, tc.checkpoints_total_limit, accelerator.is_main_process,
+                                    accelerator.wait_for_everyone, last_good)  # fmt: skip
     return last_good
 
 

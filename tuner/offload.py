@@ -90,7 +90,8 @@ def restore(module: nn.Module) -> tuple[torch.device, str | os.PathLike | None, 
     if "path" in state:
         from safetensors.torch import load_file
 
-        loaded = load_file(state["path"], device=str(state["device"]))
+        device = torch.device(state["device"])  # safetensors takes "cpu", not DDP-on-CPU's "cpu:0"
+        loaded = load_file(state["path"], device="cpu" if device.type == "cpu" else str(device))
         for key, t in _unique_named(module).items():
             t.data = loaded[key]
         shutil.rmtree(state["folder"], ignore_errors=True)

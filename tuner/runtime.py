@@ -47,8 +47,10 @@ def check_environment(config: RunConfig) -> None:
 
 
 def make_accelerator(config: RunConfig):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     tc = config.train
     run_dir = os.fspath(tc.output_dir)
@@ -60,6 +62,9 @@ def make_accelerator(config: RunConfig):
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")),
         step_scheduler_with_optimizer=False,  # stepped once per real optimizer step, whatever the process count
+        # A lost process turns the others' next collective into an error after this long, not a hang (NCCL's
+        # watchdog aborts; gloo raises, and `tuner.processes` names the lost one).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=tc.ddp_timeout))],
     )
 
 

@@ -3,13 +3,15 @@
 Test hooks come from environment variables so a resumed run can drop them without changing its config:
 `TUNER_TEST_KILL_AT_STEP=N` SIGKILLs the process as optimizer step N+1 starts (after checkpoint N),
 `TUNER_TEST_NAN_AT_STEP=K` makes the loss of step K NaN, `TUNER_TEST_SIGINT_AT_STEP=N` sends SIGINT (Ctrl-C)
-to itself as step N+1 starts.
+to itself as step N+1 starts, `TUNER_TEST_SLEEP_AT_STEP=N` sleeps there (a live run holding its lock), and
+`TUNER_TEST_FILL_DISK_AT_STEP=N` fills the output folder's disk there, so the next checkpoint write runs out.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +61,10 @@ class UNetBiasTrainer(Trainer):
         step = self.global_step + 1
         if os.environ.get("TUNER_TEST_KILL_AT_STEP") == str(self.global_step) and _this_rank_dies():
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("TUNER_TEST_SLEEP_AT_STEP") == str(self.global_step):
+            time.sleep(120)  # a run that stays alive (holding its lock) until the test kills it
+        if os.environ.get("TUNER_TEST_FILL_DISK_AT_STEP") == str(self.global_step):
+            _fill_disk_but_one_checkpoint(Path(self.config.train.output_dir))
         if os.environ.get("TUNER_TEST_SIGINT_AT_STEP") == str(self.global_step) and not self._interrupted:
             self._interrupted = True
             os.kill(os.getpid(), signal.SIGINT)
@@ -98,6 +104,17 @@ class UNetBiasTrainer(Trainer):
         out = unet(sample.to(unet.dtype), 10, encoder_hidden_states=hidden.to(unet.dtype)).sample[0, 0]
         pixels = ((out.float().clamp(-2, 2) + 2) * 63).to(torch.uint8).cpu().numpy()
         return Image.fromarray(pixels).resize((32, 32))
+
+
+def _fill_disk_but_one_checkpoint(run_dir: Path) -> None:
+    """Fill the run's disk so that the room check before the next checkpoint still passes (the newest one's file
+    bytes, plus a page, stay free) but the write itself runs out: files take whole pages on disk."""
+    from tuner.checkpoint import list_checkpoints
+    from tuner.storage import free_bytes, tree_bytes
+
+    leave = tree_bytes(list_checkpoints(run_dir)[-1]) + 4096 + 256
+    with open(run_dir.parent / "filler", "wb") as fh:
+        fh.write(b"\0" * (free_bytes(run_dir) - leave))
 
 
 def _this_rank_dies() -> bool:

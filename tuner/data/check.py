@@ -275,6 +275,7 @@ def check_data_main(
 
     It writes nothing, into the data folder or anywhere else, unless `data.cache_dir` names a cache folder."""
     config = check_config(path, config_file, sets, preset, vram)
+    check_paths(config)
     report = check_data(config, remember=config.data.cache_dir is not None)
     print(report.to_json() if as_json else report.to_text())
     blocked = report.used == 0 or (config.data.bad_file_policy == "error" and report.problems)
