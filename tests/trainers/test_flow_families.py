@@ -96,7 +96,7 @@ def test_families_are_detected_with_their_variant(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("family", FLOW)
-def test_an_unsupported_method_is_refused_before_any_weight_loads(tiny_models, subject, tmp_path, family):
+def test_an_unsupported_loss_option_is_refused_before_any_weight_loads(tiny_models, subject, tmp_path, family):
     configs_only = tmp_path / "configs-only"  # no weights at all: a refusal must come before loading
     shutil.copytree(tiny_models[family], configs_only, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(TunerError, match=r"train.snr_gamma.*weighting_scheme"):
