@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 from dataclasses import replace
@@ -257,12 +258,17 @@ def test_refusals_name_the_field(tiny_models, photos, tmp_path):
     no_clip = replace(FAMILIES["flux"], name="t5-only", encoders=FAMILIES["flux"].encoders[1:])
     with pytest.raises(TunerError, match=r"t5-only.*\(T5\) have no CLIP token embedding.*'pivotal'"):
         no_clip.check_method("pivotal", "some/model")
+    configs_only = tmp_path / "configs-only"  # a family without CLIP (Z-Image: Qwen3), no weights at all
+    shutil.copytree(tiny_models["zimage"], configs_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    ti = {"placeholder_token": TOKEN, "initializer_token": "toy"}
+    with pytest.raises(TunerError, match=r"zimage.*\(Qwen3\) have no CLIP token embedding"):
+        train(table(configs_only, photos, tmp_path / "ti", "textual_inversion", textual_inversion=ti))
     parts = load_parts(str(tiny_models["sd3"]))
     with pytest.raises(ConfigError, match=r"train_blocks: block index 2 does not exist; indices: 0..1"):
         selected_parameters(parts.denoiser, parts.family.block_lists, [2])
     with pytest.raises(ConfigError, match=r"train_blocks: 'single_transformer_blocks.\*' matches no parameter"):
         selected_parameters(parts.denoiser, parts.family.block_lists, ["single_transformer_blocks.*"])
-    ti = {"placeholder_token": TOKEN, "initializer_token": "toy", "num_vectors": 2}
+    ti = {**ti, "num_vectors": 2}
     trainer = TextualInversionTrainer(RunConfig.for_method("textual_inversion").model_validate(
         table(tiny_models["sd3"], photos, tmp_path, "textual_inversion", textual_inversion=ti)))  # fmt: skip
     with pytest.raises(ConfigError, match=r"num_vectors = 2: StableDiffusion3Pipeline has no load_textual_inversion"):
