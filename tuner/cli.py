@@ -117,6 +117,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     print(f"# {info.path}")
     if not args.explain:
         print(info.path.read_text(encoding="utf-8"))
+        if args.vram is not None:
+            from tuner.memory import preset_estimate
+
+            print("\n".join(preset_estimate(args.name, args.vram)))
         return 0
     from tuner.config import load_config
 
@@ -262,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?", help="preset to show")
     p.add_argument("--explain", action="store_true", help="every field with its value and meaning")
-    p.add_argument("--vram", type=float, metavar="GB", help="with --explain: the values of this memory tier")
+    p.add_argument("--vram", type=float, metavar="GB", help="a tier: its memory estimate (--explain: values)")
     p.set_defaults(handler=cmd_presets)
 
     _sample_arguments(sub.add_parser("sample", help="render prompts x seeds x LoRA scales: PNGs and a grid"))

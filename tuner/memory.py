@@ -252,15 +252,25 @@ def _frozen_bytes(parts, setup: Setup, trained: set[int]) -> int:
 
 def _stored_bytes(module: nn.Module, quantize: str, weight: int, trained: set[int]) -> float:
     """Bytes of `module`'s frozen parameters stored as `quantize` keeps them (see `tuner.quantize`)."""
+    import re
+
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
     per_weight = quantization.BYTES_PER_WEIGHT[quantize]
-    skip = tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ()) + ("norm",)
+    own_skips = (getattr(module, attr, None) or () for attr in ("_skip_layerwise_casting_patterns",
+                                                                 "_keep_in_fp32_modules"))  # fmt: skip
+    skip = (*DEFAULT_SKIP_MODULES_PATTERN, *(p for patterns in own_skips for p in patterns))
     total = 0.0
     for name, sub in module.named_modules():
         own = [(n, p) for n, p in sub.named_parameters(recurse=False) if id(p) not in trained]
         if not own:
             continue
         count = sum(p.numel() for _, p in own)
-        if quantize == "fp8" and isinstance(sub, (nn.Linear, nn.Embedding)) and not any(s in name for s in skip):
+        if (
+            quantize == "fp8"
+            and isinstance(sub, (nn.Linear, nn.Embedding))
+            and not any(re.search(p, name) for p in skip)
+        ):
             total += count * per_weight
         elif quantize in quantization.BITSANDBYTES and type(sub) is nn.Linear and "lora_" not in name:
             total += sub.weight.numel() * per_weight + (count - sub.weight.numel()) * weight
@@ -339,66 +349,31 @@ def activation_bytes(parts, setup: Setup) -> int:
     return outside[0] + sum(per_block) + largest
 
 
-# --- measuring it (Linux, CPU) ----------------------------------------------------------------------------------
+def preset_estimate(name: str, vram: float | None) -> list[str]:
+    """`tuner presets show NAME --vram N`: the estimate for the tier `vram` picks, on the preset's model when it
+    names a local folder, else on its family's published reference model (configs shipped, nothing downloaded)."""
+    from tuner.config import load_config
+    from tuner.presets import read_preset
 
-
-def measured_peak(configs: ModelConfigs, setup: Setup, seed: int = 0) -> int:
-    """Peak bytes one real training step holds on the CPU: models built from `configs` with random weights, the
-    setup's quantization, LoRA and optimizer, one forward, backward and optimizer step. Measured as the process's
-    peak resident set (VmHWM, reset before the step) over its resident set before the models were built; tensors of
-    64 KiB and more get pages of their own (`mallopt`), so freeing one gives its memory back at once. A first step
-    runs unmeasured, so buffers libraries allocate once are in the baseline."""
-    import ctypes
-    import gc
-
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so glibc never raises it after a large free
-    peak = 0
-    for _ in ("warm-up", "measured"):
-        gc.collect()
-        libc.malloc_trim(0)
-        before = _status_bytes("VmRSS")
-        parts, trained, inputs = _ready(configs, setup, seed)
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        _train_step(parts, trained, inputs, setup)
-        peak = _status_bytes("VmHWM") - before
-        del parts, trained, inputs
-    return peak
-
-
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise TunerError(f"/proc/self/status has no {key}")
-
-
-def _ready(configs: ModelConfigs, setup: Setup, seed: int):
-    """CPU parts with the setup's quantization and LoRA, and one batch's inputs (text encoders dropped after
-    encoding when the setup frees them)."""
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setup.mixed_precision]
-    parts = build_parts(configs, dtype, device="cpu", seed=seed)
-    with torch.no_grad():
-        inputs = step_inputs(parts, setup)
-    if setup.encoders_freed:
-        parts.text_encoders = []
-    if setup.quantize == "fp8":
-        quantization.store_fp8(parts.denoiser, dtype)
-    trained = inject_lora(parts, setup)
-    if setup.gradient_checkpointing:
-        parts.denoiser.enable_gradient_checkpointing()
-    return parts, trained, inputs
-
-
-def _train_step(parts, trained: list[nn.Parameter], inputs, setup: Setup) -> None:
-    latents, timesteps, cond = inputs
-    if setup.optimizer != "adamw":
-        raise TunerError(f"measured_peak: optimizer {setup.optimizer!r}; the CPU measurement steps AdamW")
-    optimizer = torch.optim.AdamW(trained, lr=1e-4)
-    pred = parts.family.predict(parts, parts.denoiser, latents, timesteps, cond)
-    pred.float().square().mean().backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    config = load_config(preset=name, vram=vram)
+    model = config.model.pretrained_model_name_or_path
+    if Path(model).is_dir():
+        configs = ModelConfigs.from_folder(model)
+    else:
+        family = next((f for f in read_preset(name).meta.family if f in REFERENCE_MODELS), None)
+        if family is None:
+            return [f"# no memory estimate: preset {name!r} names no local model and no family with shipped configs"]
+        configs = ModelConfigs.named(REFERENCE_MODELS[family])
+    setup = Setup.from_config(config)
+    result = estimate(configs, setup)
+    how = [setup.mixed_precision, f"{setup.quantize} base" if setup.quantize != "none" else "unquantized base",
+           "gradient checkpointing" if setup.gradient_checkpointing else "no checkpointing",
+           f"batch {setup.batch_size}", f"{setup.resolution} px", setup.optimizer]  # fmt: skip
+    lines = [f"\n# estimated peak training memory on {configs.name} ({', '.join(how)}):", *result.lines()]
+    if vram is not None:
+        verdict = "fits" if fits(result, vram) else "does NOT fit"
+        lines.append(f"  {verdict} a {vram:g} GB card (1 GB kept for the CUDA context and allocator)")
+    return lines
 
 
 def fits(estimate: Estimate, vram_gb: float, reserve_gb: float = 1.0) -> bool:
