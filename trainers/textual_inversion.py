@@ -164,8 +164,10 @@ class TextualInversionTrainer(Trainer):
             groups = inject_lora(parts, cfg.lora, self.config)
             self.lora_params = [p for group in groups for p in group["params"]]
         self.encoders = self._token_encoders(parts)
-        for i in self.encoders:
-            parts.text_encoders[i].to(torch.float32)  # the trained rows stay fp32 under mixed precision
+        for i in self.encoders:  # the trained rows stay fp32 under mixed precision (T5, 9.5 GB in bf16: only them)
+            encoder = parts.unwrapped(parts.text_encoders[i])
+            whole = parts.family.encoders[i].takes_new_tokens
+            (encoder if whole else encoder.get_input_embeddings()).to(torch.float32)
         self.rows = [self._add_tokens(parts, i) for i in self.encoders]
         params = [parts.unwrapped(parts.text_encoders[i]).get_input_embeddings().weight for i in self.encoders]
         for weight in params:
