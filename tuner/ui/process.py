@@ -202,7 +202,9 @@ class RunQueue:
             run.update(status="finished", pid=None, message="done")
         elif stopped:
             saved = run.checkpoints()
-            message = f"stopped; checkpoint {saved[-1]} saved" if saved else "stopped before the first checkpoint"
+            message = (
+                f"{saved[-1]} saved; Resume continues from it" if saved else "stopped before the first checkpoint"
+            )
             run.update(status="interrupted" if interrupted else "stopped", pid=None, message=message)
         else:
             errors = [line for line in log_tail(run, 200) if line.startswith("error:")]

@@ -109,6 +109,8 @@ async def upload(request: Request, name: str, filename: str) -> dict[str, Any]:
         if size > limit:
             return too_big
         chunks.append(chunk)
+    if filename.lower().endswith(".txt"):
+        return run.add_caption_file(filename, b"".join(chunks)).to_dict()
     return run.add_photo(filename, b"".join(chunks), _max_pixels(run)).to_dict()
 
 

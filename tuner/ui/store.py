@@ -137,6 +137,20 @@ class Run:
         os.replace(tmp, target)
         return UploadResult(original, target.name)
 
+    def add_caption_file(self, original: str, data: bytes) -> UploadResult:
+        """A dropped `NAME.txt` beside the photos: the caption of the photo with that stem."""
+        name = safe_name(original)
+        photos = {p["name"].rsplit(".", 1)[0]: p["name"] for p in self.list_photos()}
+        photo = photos.get(name.rsplit(".", 1)[0])
+        if photo is None:
+            return UploadResult(original, None, "missing file", f"no photo named {Path(name).stem}.* for this caption")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return UploadResult(original, None, "unreadable caption encoding", "captions must be UTF-8 text")
+        self.set_caption(photo, text)
+        return UploadResult(original, name)
+
     def set_caption(self, photo: str, text: str) -> None:
         path = self.photos / safe_name(photo)
         if path.name != photo or not path.is_file():

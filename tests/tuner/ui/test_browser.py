@@ -88,8 +88,14 @@ def test_personalize_in_the_browser(tmp_path, serve_app, monkeypatch):
         page.wait_for_selector("#preset option", state="attached")
 
         # 1. photos: eight good ones, four bad ones, a caption edited inline, the data check
-        page.locator("#file-input").set_input_files([str(p) for p in photos])
+        captions = [p.with_suffix(".txt") for p in photos]
+        page.locator("#file-input").set_input_files([str(p) for p in captions + photos])  # captions first: sorted
+        page.wait_for_function("document.querySelectorAll('#upload-messages li.used').length === 16")
         page.wait_for_function("document.querySelectorAll('#photos .thumb').length === 8")
+        page.wait_for_function(  # every sidecar caption shows in place under its photo
+            "(want) => [...document.querySelectorAll('#photos .thumb textarea')].map(e => e.value).join('|') === want",
+            arg="|".join(c.read_text().strip() for c in captions),
+        )
         _drop(page, _bad_files())  # dragged onto the drop zone, as a person would
         page.wait_for_function("document.querySelectorAll('#upload-messages li.refused').length === 4")
         refused = page.locator("#upload-messages li.refused").all_inner_texts()

@@ -78,12 +78,20 @@ def test_uploads_stay_in_the_run_folder(tmp_path, serve_app):
 
     assert put("../../x.png", _png()) == {"original": "../../x.png", "name": "x.png", "reason": None, "detail": ""}
     assert put("..\\..\\x.png", _png((64, 65)))["name"] == "x-1.png"  # never overwrites an earlier photo
-    assert put("notes.txt", b"hello")["reason"] == "not an image"
+    assert put("notes.txt", b"hello")["reason"] == "missing file"  # a caption, but of no photo
+    assert put("../x.txt", b"a red square\n")["name"] == "x.txt"
+    assert put("notes.doc", b"hello")["reason"] == "not an image"
     assert put("big.png", _png() + b"\0" * 20_000)["reason"] == "too large"
     bomb = b"\x89PNG\r\n\x1a\n" + b"\0\0\0\rIHDR" + (30000).to_bytes(4, "big") * 2 + b"\x08\x02\0\0\0" + b"\0" * 4
     assert put("bomb.png", bomb)["reason"] == "decompression bomb"
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert written == ["runs/evil/photos/x-1.png", "runs/evil/photos/x.png", "runs/evil/ui.json"]
+    assert written == [
+        "runs/evil/photos/x-1.png",
+        "runs/evil/photos/x.png",
+        "runs/evil/photos/x.txt",
+        "runs/evil/ui.json",
+    ]
+    assert (root / "evil/photos/x.txt").read_text() == "a red square\n"
 
     assert _request(f"{served.url}/api/runs/{run}/file?path=photos/../ui.json")[0] == 400
     assert _request(f"{served.url}/api/runs/{run}/file?path=photos/x.png")[0] == 200

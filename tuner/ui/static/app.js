@@ -54,6 +54,8 @@ async function selectRun(name) {
 async function uploadFiles(files) {
   await ensureRun();
   const list = $("upload-messages");
+  const isCaption = (f) => f.name.toLowerCase().endsWith(".txt");
+  files = [...files.filter((f) => !isCaption(f)), ...files.filter(isCaption)];  // photos first, then their captions
   for (const file of files) {
     let r;
     try {
@@ -64,7 +66,7 @@ async function uploadFiles(files) {
   await refreshRun();
 }
 function uploadLine(r) {
-  if (r.name) return el("li", { class: "used", textContent: `${r.original}: added as ${r.name}` });
+  if (r.name) return el("li", { class: "used", textContent: `${r.original}: ${r.name.endsWith(".txt") ? "caption" : "added as"} ${r.name}` });
   return el("li", { class: "refused", textContent: `${r.original}: refused — ${r.reason}${r.detail ? ": " + r.detail : ""}` });
 }
 async function importFolder() {
@@ -77,8 +79,8 @@ async function importFolder() {
 }
 function renderPhotos(photos) {
   const box = $("photos");
-  const key = JSON.stringify(photos.map((p) => p.name));
-  if (box.dataset.key === key) return; // keep a caption being edited
+  const key = JSON.stringify(photos);
+  if (box.dataset.key === key || box.contains(document.activeElement)) return;  // keep a caption being edited
   box.dataset.key = key;
   box.replaceChildren(...photos.map((p) => {
     const caption = el("textarea", { rows: 2, value: p.caption, placeholder: "caption (empty: the task's prompt)" });
