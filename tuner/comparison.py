@@ -42,8 +42,10 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Column:
-    """One grid column: sampler, adapter scale and seed, and a label naming only what differs between columns."""
+    """One grid column: model (base / tuned), sampler, adapter scale and seed, and a label naming only what
+    differs between columns."""
 
+    model: str
     sampler: str | None
     scale: float
     seed: int
@@ -55,46 +57,53 @@ def compare(
     rows: Sequence[Row],
     seeds: Sequence[int],
     *,
+    tuned: Any = None,
     adapters: Sequence[str] = (),
     scales: Sequence[float] = (1.0,),
     samplers: Sequence[str | None] = (None,),
     name: str = "",
     **render_kwargs: Any,
 ) -> Comparison:
-    """Render rows (prompts, img2img / inpainting rows) x samplers x adapter scales x seeds: base vs tuned.
+    """Render rows (prompts, img2img / inpainting rows) x samplers x models x seeds: base vs tuned.
 
-    The one entry point for `tuner sample`/`grid` and the UI. `adapters` are LoRA adapter names loaded on
-    `pipe` (scale 0 = the base model); `samplers` are A1111 or diffusers scheduler names (None = the pipeline's
-    own); `render_kwargs` go to `tuner.validation.render` (negative prompt, steps, guidance, size). The
-    pipeline's scheduler and adapter scales are restored afterwards.
+    The one entry point for `tuner sample`/`grid` and the UI. Base vs tuned is either `adapters` (LoRA adapter
+    names loaded on `pipe`, shown at each of `scales`; 0 = the base model) or a second pipeline `tuned` (a full
+    fine-tune) next to `pipe`. `samplers` are A1111 or diffusers scheduler names (None = the pipeline's own);
+    `render_kwargs` go to `tuner.validation.render` (negative prompt, steps, guidance, guidance schedule, size).
+    Schedulers and adapter scales are restored afterwards.
     """
     seeds = [int(s) for s in seeds]
-    scales = [float(s) for s in scales] if adapters else [1.0]
     samplers = list(samplers) or [None]
-    if not rows or not seeds or not scales:
+    if tuned is not None and adapters:
+        raise TunerError("compare: give adapters (scales of one pipeline) or a tuned pipeline, not both")
+    if tuned is not None:
+        variants = [("base", pipe, 1.0), ("tuned", tuned, 1.0)]
+    elif adapters:
+        variants = [(scale_label(float(s)), pipe, float(s)) for s in scales]
+    else:
+        variants = [("", pipe, 1.0)]
+    if not rows or not seeds or not variants:
         raise TunerError("compare: give at least one prompt, one seed and one scale")
-    own = pipe.scheduler
-    blocks: list[list[list[Image.Image]]] = []  # [sampler x scale][row][seed]
-    labels: list[str] = []
+    owns = {id(p): (p, p.scheduler) for _, p, _ in variants}
+    blocks: list[list[list[Image.Image]]] = []  # [sampler x variant][row][seed]
+    columns: list[Column] = []
     try:
         for sampler in samplers:
-            pipe.scheduler = scheduler_from_name(sampler, own) if sampler else own
-            for scale in scales:
+            for model, target, scale in variants:
+                own = owns[id(target)][1]
+                target.scheduler = scheduler_from_name(sampler, own) if sampler else own
                 if adapters:
-                    _set_scale(pipe, adapters, scale)
-                blocks.append(render_rows(pipe, rows, seeds, **render_kwargs))
-                labels.append(sampler_label(pipe.scheduler))
+                    _set_scale(target, adapters, scale)
+                blocks.append(render_rows(target, rows, seeds, **render_kwargs))
+                head = [sampler_label(target.scheduler)] if len(samplers) > 1 else []
+                head += [model] if model else []
+                columns += [Column(model, sampler, scale, seed, " · ".join(head) + f"\nseed {seed}" if head
+                                   else f"seed {seed}") for seed in seeds]  # fmt: skip
     finally:
-        pipe.scheduler = own
+        for target, own in owns.values():
+            target.scheduler = own
         if adapters:
             _set_scale(pipe, adapters, 1.0)
-    columns = []
-    for i, sampler in enumerate(samplers):
-        for j, scale in enumerate(scales):
-            head = [labels[i * len(scales) + j]] if len(samplers) > 1 else []
-            head += [scale_label(scale)] if adapters else []
-            columns += [Column(sampler, scale, seed, " · ".join(head) + f"\nseed {seed}" if head else f"seed {seed}")
-                        for seed in seeds]  # fmt: skip
     images = [[img for block in blocks for img in block[r]] for r in range(len(rows))]
     steps = render_kwargs.get("num_inference_steps", 25)
     guidance = render_kwargs.get("guidance_scale", 7.5)

@@ -26,6 +26,8 @@ SQUARE = 1 / 1.1
 COMMA_LOOKBACK = 20
 """A full chunk breaks after a comma found within its last this many tokens (A1111's default)."""
 BREAK = "BREAK"
+MEAN_FLOOR = 0.01
+"""A chunk's mean is restored after weighting only where it is at least this fraction of its mean magnitude."""
 
 _TOKENS = re.compile(
     r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:",
@@ -137,6 +139,8 @@ def chunk(
                 _next_chunk(ids, weights, comma)
             ids[-1].append(token)
             weights[-1].append(fragment.weight)
+    if len(ids) > 1 and not ids[-1]:  # a prompt ending in BREAK adds no empty chunk, as in A1111
+        ids, weights = ids[:-1], weights[:-1]
     if max_chunks is not None:
         ids, weights = ids[:max_chunks], weights[:max_chunks]
     rows = [[*head, *c, eos] + [pad] * (room - len(c)) for c in ids]
@@ -157,13 +161,17 @@ def _next_chunk(ids: list[list[int]], weights: list[list[float]], comma: int | N
 
 
 def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scale each token's embedding by its weight, then restore the chunk's mean (as A1111 does), so
-    emphasis shifts attention between tokens instead of scaling the whole conditioning. Weight 1 everywhere
-    returns `hidden` unchanged, bit for bit."""
+    """Scale each token's embedding by its weight, then restore each chunk's mean (as A1111 does), so
+    emphasis shifts attention between tokens instead of scaling the whole conditioning. Where a chunk's mean is
+    near zero relative to its values (the plain LayerNorm output of an untrained encoder) the ratio would blow
+    up, so there the weights apply as they are. Weight 1 everywhere returns `hidden` unchanged, bit for bit."""
     if bool((weights == 1).all()):
         return hidden
     weights = weights.to(hidden.device, hidden.dtype)
-    original = hidden.float().mean(dim=(-2, -1), keepdim=True)
     scaled = hidden * weights.unsqueeze(-1)
-    restored = scaled.float() * (original / scaled.float().mean(dim=(-2, -1), keepdim=True))
-    return restored.to(hidden.dtype)
+    dims = (-2, -1)
+    original, new = hidden.float().mean(dim=dims, keepdim=True), scaled.float().mean(dim=dims, keepdim=True)
+    floor = MEAN_FLOOR * hidden.float().abs().mean(dim=dims, keepdim=True)
+    stable = (original.abs() > floor) & (new.abs() > floor) & (original * new > 0)
+    ratio = torch.where(stable, original / torch.where(stable, new, torch.ones_like(new)), torch.ones_like(new))
+    return (scaled.float() * ratio).to(hidden.dtype)

@@ -175,3 +175,27 @@ def test_slugs_are_safe_and_unique():
     assert slug("日本語") == "prompt"
     assert unique_slugs(["日本語", "中文", "a b", "a  b"]) == ["prompt", "prompt-2", "a-b", "a-b-2"]
     assert len(slug("x " * 200)) <= 60
+
+
+def test_compare_puts_a_tuned_pipeline_next_to_the_base_with_only_differences_labeled(tiny_models):
+    from tuner.comparison import compare
+    from tuner.validation import Row
+
+    base = load_pipeline(str(tiny_models["sd1"]))
+    tuned = load_pipeline(str(tiny_models["sd1"]))
+    with torch.no_grad():
+        tuned.unet.conv_out.bias.add_(0.5)  # a full fine-tune stands in as changed weights
+    own = base.scheduler
+    result = compare(base, [Row("a (red:1.2) circle")], [0], tuned=tuned, samplers=["Euler a", "DDIM"],
+                     num_inference_steps=2, guidance_scale=1.0, width=32, height=32)  # fmt: skip
+    assert [c.label for c in result.columns] == [
+        "Euler a · base\nseed 0",
+        "Euler a · tuned\nseed 0",
+        "DDIM · base\nseed 0",
+        "DDIM · tuned\nseed 0",
+    ]
+    assert result.title == "2 steps, guidance 1" and result.rows[0].label() == "a (red:1.2) circle"
+    cells = [np.asarray(image).astype(np.int16) for image in result.images[0]]
+    assert np.abs(cells[0] - cells[1]).max() > 0 and np.abs(cells[2] - cells[3]).max() > 0
+    assert base.scheduler is own  # the pipeline's own sampler is back
+    assert result.grid().size == grid_size(1, 4, cell_size((32, 32)), title=True, groups=4)
