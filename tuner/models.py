@@ -186,13 +186,13 @@ class Parts:
             if spec.adaptable or not adaptable_only
         }
 
-    @property
     def compute_dtype(self, model: nn.Module) -> torch.dtype:
         """The dtype `model` takes its inputs in: its weights' own, or the run's weight dtype where they are stored
         quantized (float8, int8 or 4-bit, cast up layer by layer while it runs)."""
         dtype = next(self.unwrapped(model).parameters()).dtype
         return dtype if dtype.is_floating_point and dtype.itemsize > 1 else self.weight_dtype
 
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -217,7 +217,6 @@ class Parts:
         return pipe
 
 
-def _sampling_scheduler(source: str, revision: str | None):
 def _quantized_kwargs(config: Any, device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
     """`from_pretrained` keywords of a bitsandbytes-quantized part: its config, its device and compute dtype."""
     if config is None:
@@ -226,6 +225,7 @@ def _quantized_kwargs(config: Any, device: torch.device | str, dtype: torch.dtyp
     return {"quantization_config": config, "dtype": dtype, "device_map": {"": index}}
 
 
+def _sampling_scheduler(source: str, revision: str | None):
     """The base model's own inference scheduler (training uses DDPM with the same betas)."""
     import diffusers
 
@@ -242,12 +242,12 @@ def load_parts(
     device: torch.device | str = "cpu",
     weight_dtype: torch.dtype = torch.float32,
     tokenizer_from: str | None = None,
-) -> Parts:
     quantize: str = "none",
+) -> Parts:
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training noise scheduler of a base pipeline.
 
-    A single-file checkpoint loads from its converted diffusers folder (`tuner.single_file.convert`; its
     `quantize` stores the denoiser and T5 quantized (`tuner.quantize`; `check_trainable` refuses what cannot run).
+    A single-file checkpoint loads from its converted diffusers folder (`tuner.single_file.convert`; its
     tokenizers from `tokenizer_from`, else the Hugging Face cache), which becomes `Parts.source`."""
     import diffusers
     import transformers
@@ -284,16 +284,16 @@ def load_parts(
     except OSError as exc:
         raise _unreachable(name_or_path, exc) from None
     device = torch.device(device)
-    for module in (denoiser, vae_model, *encoders):
     frozen_base = [denoiser, *(e for spec, e in zip(family.encoders, encoders) if not spec.adaptable)]
+    for module in (denoiser, vae_model, *encoders):
         module.requires_grad_(False)
-        module.to(device=device, dtype=weight_dtype)
         if quantize in quantization.BITSANDBYTES and any(module is m for m in frozen_base):
             continue  # placed and stored by bitsandbytes at load
-    return Parts(
+        module.to(device=device, dtype=weight_dtype)
     if quantize == "fp8":
         for module in frozen_base:
             quantization.store_fp8(module, weight_dtype)
+    return Parts(
         family=family,
         source=source,
         prediction_type=prediction,
