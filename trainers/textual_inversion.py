@@ -290,6 +290,13 @@ class TextualInversionTrainer(Trainer):
                 f"textual_inversion.train_t5 = true: this model's text encoders ({', '.join(s.label for s in specs)}) "
                 "include no T5; set it to false"
             )
+        quantize = getattr(self.config.model, "quantize", "none")
+        if cfg.train_t5 and quantize != "none":
+            raise ConfigError(
+                f"textual_inversion.train_t5 = true with model.quantize = {quantize!r}: T5 is stored quantized and "
+                "its rows cannot train; set train_t5 = false (the CLIP encoders still learn the token) or quantize "
+                "'none'"
+            )
         if cfg.num_vectors > 1 and not pipeline_loads_embeddings(parts.family):
             raise ConfigError(
                 f"textual_inversion.num_vectors = {cfg.num_vectors}: {parts.family.pipeline_class} has no "

@@ -45,11 +45,11 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
-def table(model: Path, photos: Path, out: Path, method: str, **tables) -> dict:
+def table(base: Path, photos: Path, out: Path, method: str, **tables) -> dict:
     """4 steps of batch 2 at 32 px, a checkpoint at step 2 (what the kill-and-resume runs continue from)."""
     run = {
         "method": method,
-        "model": {"pretrained_model_name_or_path": str(model)},
+        "model": {"pretrained_model_name_or_path": str(base)},
         "data": {"path": str(photos), "resolution": 32, "enable_bucket": False},
         "optimizer": {"name": "adamw", "learning_rate": 1e-2},
         "train": {
@@ -272,6 +272,11 @@ def test_refusals_name_the_field(tiny_models, photos, tmp_path):
     trainer = TextualInversionTrainer(RunConfig.for_method("textual_inversion").model_validate(
         table(tiny_models["sd3"], photos, tmp_path, "textual_inversion", textual_inversion=ti)))  # fmt: skip
     with pytest.raises(ConfigError, match=r"num_vectors = 2: StableDiffusion3Pipeline has no load_textual_inversion"):
+        trainer.prepare(parts)
+    quantized = table(tiny_models["sd3"], photos, tmp_path, "textual_inversion", model={"quantize": "fp8"},
+                      textual_inversion={**ti, "num_vectors": 1, "train_t5": True})  # fmt: skip
+    trainer = TextualInversionTrainer(RunConfig.for_method("textual_inversion").model_validate(quantized))
+    with pytest.raises(ConfigError, match=r"train_t5 = true with model.quantize = 'fp8': T5 is stored quantized"):
         trainer.prepare(parts)
     lora_blocks = table(
         tiny_models["sd3"], photos, tmp_path, "dreambooth", dreambooth={"lora": True, "train_blocks": [0]}
