@@ -21,7 +21,7 @@ from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PHOTOS = Path(__file__).resolve().parents[3] / "datasets" / "micro-subject"
-STEPS = 24
+STEPS = 30
 TOKEN = "hf_uiTestToken0123456789"
 
 
@@ -126,6 +126,7 @@ def test_personalize_in_the_browser(tmp_path, serve_app, monkeypatch):
         _set_field(page, "validation.num_inference_steps", "2")
         _set_field(page, "validation.seeds", "[0]")
         _shot(page, shots, "2-task")
+        page.click("#advanced summary")  # closed again: a shorter page to screenshot
 
         # 3. train, stop mid-run, resume to the end
         page.click("#train-btn")
