@@ -158,7 +158,7 @@ function renderFields(tables) {
 async function saveTask() {
   await ensureRun();
   const run = await api(runUrl());
-  if (run.status !== "new" && run.status !== "failed") return run.task;  // fixed once training began
+  if (!["new", "failed"].includes(run.status) || run.checkpoints.length) return run.task;  // fixed once training began
   const r = await put(runUrl("/task"), currentTask());
   say("task-msg", `${r.method}: ${r.steps} steps${r.instance_prompt ? " · prompt “" + r.instance_prompt + "”" : ""}`);
   return r;
