@@ -34,12 +34,15 @@ WIDER = {
     "sd1": {"block_out_channels": [64, 128], "attention_head_dim": 4, "layers_per_block": 1},
 }  # fmt: skip
 """How the small models widen the tiny ones' denoisers (the rest of each config stays tiny)."""
+PEER_SETUPS = [("none", 1024), ("fp8", 1024), ("int8", 1024), ("nf4", 1024), ("nf4", 512)]
+"""FLUX.1-dev rank-16 LoRA on attention + MLP of every block, 8-bit AdamW, checkpointing, embeddings cached: the
+settings peers quote, estimated per base storage and resolution."""
 PEERS = [
     ("SimpleTuner (FLUX quickstart)", "FLUX.1 rank-16 LoRA, all blocks' MLP + projections",
      "a bit more than 30 GB unquantized; 18 GB int8; 13 GB int4; 9 GB nf4",
      "https://github.com/bghira/SimpleTuner/blob/main/documentation/quickstart/FLUX.md"),
-    ("Hugging Face blog: FLUX.1-dev QLoRA", "diffusers FLUX.1-dev LoRA, RTX 4090, 8-bit Adam, checkpointing",
-     "~26 GB bf16 LoRA; ~9 GB peak with an nf4 base", "https://huggingface.co/blog/flux-qlora"),
+    ("Hugging Face blog: FLUX.1-dev QLoRA", "diffusers FLUX.1-dev LoRA, RTX 4090, 8-bit Adam, checkpointing, cached "
+     "latents", "~26 GB bf16 LoRA; ~9 GB peak with an nf4 base", "https://huggingface.co/blog/flux-qlora"),
     ("ostris ai-toolkit (README)", "FLUX.1 LoRA, transformer quantized to 8 bit by default",
      "at least 24 GB of VRAM", "https://github.com/ostris/ai-toolkit"),
     ("kohya sd-scripts (FLUX.1 LoRA, sd3 branch README)", "fp8 base, cached text encoder outputs, split/swap",
@@ -163,6 +166,22 @@ def main() -> None:
         print(lines[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
     lines += ["", "## What peer tools publish for FLUX.1 LoRA", "", "| tool | run | published VRAM | source |",
               "|---|---|---|---|", *(f"| {t} | {r} | {v} | {u} |" for t, r, v, u in PEERS)]  # fmt: skip
+    lines += [
+        "",
+        "The estimate for the settings they quote (FLUX.1-dev, rank-16 LoRA on attention + MLP of every block, 8-bit "
+        "AdamW, gradient checkpointing, bf16, batch 1, embeddings cached; the CUDA context, about 0.5-1 GB, is not "
+        "in it):",
+        "",
+        "| base | px | estimate GB |",
+        "|---|---|---|",
+    ]
+    flux = ModelConfigs.named("flux1-dev")
+    for quantize, px in PEER_SETUPS:
+        setup = Setup(quantize=quantize, resolution=px, gradient_checkpointing=True, targets="attn+ff")
+        lines.append(
+            f"| {quantize if quantize != 'none' else 'bf16'} | {px} | {estimate(flux, setup).total / GIB:.1f} |"
+        )
+        print(lines[-1], flush=True)
     out = ROOT / "bench" / "results" / "memory.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -44,8 +44,10 @@ class ModelConfig(Section):
     the Hugging Face cache. Unset: the family's usual hub repos in the cache, else an error naming the fix."""
     quantize: Literal["none", "int8", "nf4", "fp8"] = "none"
     """Store the frozen denoiser (and T5) quantized while adapters train in fp32: `int8`/`nf4` (bitsandbytes,
-    CUDA) or `fp8` (float8 weights cast up layer by layer; runs anywhere). LoRA, DreamBooth-LoRA and pivotal
-    tuning only; the exported LoRA is the same as from a full-precision base, but cannot be fused into this one."""
+    CUDA) or `fp8` (float8 weights cast up layer by layer; runs anywhere; saves memory only together with
+    `train.gradient_checkpointing`, as autograd otherwise keeps every layer's up-cast weight for the backward pass).
+    LoRA, DreamBooth-LoRA and pivotal tuning only; the exported LoRA is the same as from a full-precision base, but
+    cannot be fused into this one."""
 
 
 class SubsetConfig(Section):

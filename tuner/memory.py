@@ -225,6 +225,8 @@ def estimate(configs: ModelConfigs, setup: Setup) -> Estimate:
     activations = activation_bytes(parts, setup)
     optimizer = OPTIMIZER_BYTES.get(setup.optimizer, 8.0)
     notes = [f"{trained_count / 1e6:.1f}M trained parameters"]
+    if setup.quantize == "fp8" and not setup.gradient_checkpointing:
+        notes.append("fp8 without gradient checkpointing: every layer's up-cast weight waits for the backward pass")
     if setup.encoders_freed and not setup.train_text_encoder:
         notes.append("text encoders freed: embeddings cached")
     return Estimate(frozen, 4 * trained_count, 4 * trained_count, int(optimizer * trained_count), activations,
@@ -250,27 +252,30 @@ def _frozen_bytes(parts, setup: Setup, trained: set[int]) -> int:
     return int(total)
 
 
-def _stored_bytes(module: nn.Module, quantize: str, weight: int, trained: set[int]) -> float:
-    """Bytes of `module`'s frozen parameters stored as `quantize` keeps them (see `tuner.quantize`)."""
+def fp8_layers(module: nn.Module) -> set[int]:
+    """ids of the layers `tuner.quantize.store_fp8` keeps in float8: linear and embedding layers outside diffusers'
+    skip patterns (norms, position embeddings) and the model's own kept modules (LoRA layers are added later)."""
     import re
 
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
+    own = (getattr(module, attr, None) or () for attr in ("_skip_layerwise_casting_patterns", "_keep_in_fp32_modules"))
+    skip = (*DEFAULT_SKIP_MODULES_PATTERN, *(pattern for patterns in own for pattern in patterns))
+    return {
+        id(sub)
+        for name, sub in module.named_modules()
+        if type(sub) in (nn.Linear, nn.Embedding) and "lora_" not in name and not any(re.search(p, name) for p in skip)
+    }
+
+
+def _stored_bytes(module: nn.Module, quantize: str, weight: int, trained: set[int]) -> float:
+    """Bytes of `module`'s frozen parameters stored as `quantize` keeps them (see `tuner.quantize`)."""
     per_weight = quantization.BYTES_PER_WEIGHT[quantize]
-    own_skips = (getattr(module, attr, None) or () for attr in ("_skip_layerwise_casting_patterns",
-                                                                 "_keep_in_fp32_modules"))  # fmt: skip
-    skip = (*DEFAULT_SKIP_MODULES_PATTERN, *(p for patterns in own_skips for p in patterns))
+    in_fp8 = fp8_layers(module) if quantize == "fp8" else set()
     total = 0.0
     for name, sub in module.named_modules():
-        own = [(n, p) for n, p in sub.named_parameters(recurse=False) if id(p) not in trained]
-        if not own:
-            continue
-        count = sum(p.numel() for _, p in own)
-        if (
-            quantize == "fp8"
-            and isinstance(sub, (nn.Linear, nn.Embedding))
-            and not any(re.search(p, name) for p in skip)
-        ):
+        count = sum(p.numel() for p in sub.parameters(recurse=False) if id(p) not in trained)
+        if id(sub) in in_fp8:
             total += count * per_weight
         elif quantize in quantization.BITSANDBYTES and type(sub) is nn.Linear and "lora_" not in name:
             total += sub.weight.numel() * per_weight + (count - sub.weight.numel()) * weight
@@ -303,6 +308,7 @@ def fused_attention():
 def activation_bytes(parts, setup: Setup) -> int:
     """Bytes autograd saves in one forward pass of the denoiser on the meta device, with checkpointing as set."""
     params = {id(p) for m in (parts.denoiser, parts.vae, *parts.text_encoders) for p in m.parameters()}
+    fp8_ids = fp8_layers(parts.denoiser) if setup.quantize == "fp8" else set()
     seen: dict[int, torch.Tensor] = {}
     per_block: list[int] = []
     block_inputs = [0]
@@ -321,9 +327,14 @@ def activation_bytes(parts, setup: Setup) -> int:
             outside[0] += size
         return t
 
+    # An fp8 layer runs on an up-cast copy of its weight, which autograd keeps for the backward pass (a linear
+    # layer's input gradient needs it): one copy per layer in compute precision, held like an activation.
+    compute = torch.finfo(parts.weight_dtype).bits // 8
+    upcast = {id(m): m.weight.numel() * compute for m in parts.denoiser.modules() if id(m) in fp8_ids}
+
     def enter(module, args, kwargs):
         if depth[0] == 0:
-            per_block.append(0)
+            per_block.append(sum(upcast.get(id(m), 0) for m in module.modules()))
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
             block_inputs[0] += sum(a.numel() * a.element_size() for a in tensors if id(a) not in params)
         depth[0] += 1
@@ -343,6 +354,7 @@ def activation_bytes(parts, setup: Setup) -> int:
             handle.remove()
     # Backward through a block holds its gradients, about the size of what it saved, on top of what is still
     # saved; checkpointing first recomputes the block's saved tensors from its input.
+    outside[0] += sum(upcast.values()) - sum(upcast.get(id(m), 0) for b in blocks for m in b.modules())
     largest = max(per_block, default=0)
     if setup.gradient_checkpointing and per_block:
         return outside[0] + block_inputs[0] + 2 * largest

@@ -3,10 +3,11 @@
 Only a base that stays frozen may be stored in fewer bits: the denoiser (and T5) of a run that trains adapters
 on top of it (LoRA, DreamBooth-LoRA, pivotal tuning), which stay fp32 and see the base only through its outputs.
 `int8` and `nf4` load through diffusers' / transformers' `BitsAndBytesConfig` (bitsandbytes' quantized linear
-layers; diffusers quantizes them on a CUDA device only). `fp8` stores every weight as float8 (e4m3) and casts it
+layers; diffusers quantizes them on a CUDA device only). `fp8` stores the linear weights as float8 (e4m3) and casts it
 up to the compute precision layer by layer while it runs (diffusers' layerwise casting, the same idea as kohya's
-`--fp8_base`); it needs no GPU. A quantized weight cannot take a LoRA's delta back without rounding it away, so
-merging into one is refused (`refuse_merge`).
+`--fp8_base`); it needs no GPU, and saves memory in training only with gradient checkpointing, since autograd
+keeps each layer's up-cast weight for the backward pass (bench/results/quantized.md). A quantized weight cannot
+take a LoRA's delta back without rounding it away, so merging into one is refused (`refuse_merge`).
 """
 
 from __future__ import annotations
