@@ -3,6 +3,8 @@
 Run from the repository root: `python bench/micro_adherence.py [--prompts 48] [--build-dir /tmp/micro/build]`.
 Prompts are fresh "a {color} {shape} on a {background} background" sentences from a fixed seed (the training
 set's captions come from `world.scenes`, a different stream); each is sampled once with a fixed generator seed.
+`--json FILE` also writes the figures for a program; `--compare OLD.json NEW.json` says whether NEW is better on
+every figure (exit 0) or not (exit 1), which `bench/gpu_micro_base.sh` asks before it installs a new base.
 """
 
 from __future__ import annotations
@@ -89,7 +91,46 @@ def vae_ceiling(pipe, judge: Judge, n: int = 192, seed: int = 777) -> dict:
     return {k: sum(r[k] for r in rows) / n for k in KEYS} | {"n": n}
 
 
+def figures(rows: list, ceiling: dict) -> dict[str, float]:
+    """Every adherence figure of a run, flat: `fresh <key>` and `red circle <key>` per guidance, and the ceiling."""
+    out = {}
+    for g, fresh, circle in rows:
+        out |= {f"g{g:g} fresh {k}": v for k, v in fresh.items() if k != "n"}
+        out |= {f"g{g:g} red circle {k}": circle[k] for k in ("shape+color", "all three")}
+    return out | {f"vae ceiling {k}": ceiling[k] for k in KEYS}
+
+
+def improves(old: dict[str, float], new: dict[str, float]) -> tuple[bool, list[str]]:
+    """Whether `new` improves every adherence figure of `old` (the VAE ceiling may not fall); a figure already at
+    1.0 cannot rise and counts as improved when it stays there. Returns (verdict, one line per figure)."""
+    if set(old) != set(new):
+        return False, [f"the two runs measured different figures: {sorted(set(old) ^ set(new))}"]
+    lines, ok = [], True
+    for key in sorted(old):
+        if key.startswith("vae ceiling"):
+            good = new[key] >= old[key]
+        else:
+            good = new[key] > old[key] or old[key] == new[key] == 1.0
+        ok &= good
+        lines.append(f"{key}: {old[key]:.3f} -> {new[key]:.3f} {'ok' if good else 'NOT BETTER'}")
+    return ok, lines
+
+
+def compare(old_path: Path, new_path: Path) -> int:
+    old, new = (json.loads(p.read_text(encoding="utf-8"))["figures"] for p in (old_path, new_path))
+    ok, lines = improves(old, new)
+    print("\n".join(lines))
+    print(f"{new_path} is {'better on every figure' if ok else 'not better on every figure'} than {old_path}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--compare"]:
+        if len(argv) != 3:
+            raise SystemExit("usage: python bench/micro_adherence.py --compare OLD.json NEW.json")
+        return compare(Path(argv[1]), Path(argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:micro")
     parser.add_argument("--prompts", type=int, default=48)
@@ -99,12 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="DDIMScheduler")
     parser.add_argument("--build-dir", type=Path, help="folder of `python -m tuner.micro.build` (timings.json)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "micro.md")
+    parser.add_argument("--json", type=Path, help="also write the figures here (for --compare)")
+    parser.add_argument("--ceiling-images", type=int, default=192, help="fresh renders for the VAE ceiling")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     pipe, judge = load_pipeline(args.model, args.scheduler), Judge()
     prompts = fresh_prompts(args.prompts)
-    ceiling = vae_ceiling(pipe, judge)
+    ceiling = vae_ceiling(pipe, judge, n=args.ceiling_images)
     print(f"through the VAE: {ceiling}", flush=True)
     rows = []
     for g in args.guidance:
@@ -116,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     build = json.loads((args.build_dir / "timings.json").read_text()) if args.build_dir else None
     args.out.write_text(report(args, rows, ceiling, seconds, build), encoding="utf-8")
     print(f"wrote {args.out}")
+    if args.json:
+        record = {"model": args.model, "seconds": round(seconds, 1), "figures": figures(rows, ceiling)}
+        args.json.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -15,16 +15,38 @@ import numpy as np
 import torch
 
 from tuner.micro.judge import Judge
-from tuner.micro.world import CONCEPT, PALETTE, scenes
+from tuner.micro.world import CONCEPT, INSTANCE, PALETTE, Concept, scenes
 
 CONTEXT_BACKGROUNDS = ("blue", "green", "red", "white")
-SUBJECT_LABELS = {"concept": True, "shape": CONCEPT.class_word}
-"""What the judge must read for "the subject is there": its two-tone pattern on an object of its shape. The pattern's
-colors alone, scattered over the frame in blobs, are not the subject."""
 
 
-def is_subject(judged: dict[str, Any]) -> bool:
-    return all(judged[key] == value for key, value in SUBJECT_LABELS.items())
+@dataclass(frozen=True)
+class Subject:
+    """An example subject: its photos (`datasets/<folder>` = `scenes(kind, 8, seed)`) and what the judge must read."""
+
+    folder: str
+    kind: str
+    concept: Concept
+    labels: dict[str, Any]
+    seed: int = 1
+    count: int = 8
+
+    def photos(self) -> list[Any]:
+        return [scene.render() for scene in scenes(self.kind, self.count, self.seed)]
+
+
+SUBJECTS = {
+    "reachable": Subject("micro-subject", "subject", INSTANCE, {"shape": INSTANCE.class_word, "color": "black"}),
+    "hard": Subject("micro-subject-hard", "concept", CONCEPT, {"concept": True, "shape": CONCEPT.class_word}),
+}
+"""The example subject within the base's reach (a black heart: the judge reads its shape and color; its stripes are
+for the eye) and the hard one beyond it (the checkered heart: its two-tone pattern on an object of its shape; the
+pattern's colors alone, scattered over the frame in blobs, are not the subject)."""
+SUBJECT_LABELS = SUBJECTS["reachable"].labels
+
+
+def is_subject(judged: dict[str, Any], subject: str = "reachable") -> bool:
+    return all(judged[key] == value for key, value in SUBJECTS[subject].labels.items())
 
 
 @dataclass
@@ -62,22 +84,25 @@ def palette_histogram(images: Sequence[Any]) -> Any:
     return np.bincount(nearest, minlength=len(palette)) / len(nearest)
 
 
-@lru_cache(maxsize=1)
-def _subject_histogram() -> Any:
-    """The example subject photos' palette (datasets/micro-subject is `scenes("concept", 8, seed=1)`)."""
-    return palette_histogram([scene.render() for scene in scenes("concept", 8, seed=1)])
+@lru_cache(maxsize=2)
+def _subject_histogram(subject: str) -> Any:
+    """The example subject photos' palette."""
+    return palette_histogram(SUBJECTS[subject].photos())
 
 
-def subject_likeness(images: Sequence[Any]) -> float:
+def subject_likeness(images: Sequence[Any], subject: str = "reachable") -> float:
     """1 - total variation distance between the images' palette histogram and the subject photos'."""
-    return float(1.0 - 0.5 * abs(palette_histogram(images) - _subject_histogram()).sum())
+    return float(1.0 - 0.5 * abs(palette_histogram(images) - _subject_histogram(subject)).sum())
 
 
-def subject_prompts(token: str) -> tuple[list[str], list[tuple[str, str]], list[str]]:
-    """(instance prompts, (context prompt, background) pairs, class prompts) for the micro concept."""
-    instance = [f"a photo of a {token} {CONCEPT.class_word}"]
-    contexts = [(CONCEPT.caption(bg, token), bg) for bg in CONTEXT_BACKGROUNDS]
-    classes = [CONCEPT.class_caption(bg) for bg in CONTEXT_BACKGROUNDS[:2]]
+def subject_prompts(token: str, subject: str = "reachable") -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """(instance prompts, (context prompt, background) pairs, class prompts) for an example subject."""
+    concept = SUBJECTS[subject].concept
+    instance = [f"a photo of a {token} {concept.class_word}"]
+    if concept.photo_backgrounds:  # the photos' own captions: this base draws nothing sure without a background
+        instance = [concept.caption(bg, token) for bg in concept.photo_backgrounds[:2]]
+    contexts = [(concept.caption(bg, token), bg) for bg in CONTEXT_BACKGROUNDS]
+    classes = [concept.class_caption(bg) for bg in CONTEXT_BACKGROUNDS[:2]]
     return instance, contexts, classes
 
 
@@ -122,6 +147,7 @@ def judge_subject(
     guidance: float = 4.0,
     size: int = 64,
     judge: Judge | None = None,
+    subject: str = "reachable",
 ) -> SubjectMetrics:
     """Score the tuned model (`pipe_at(1.0)`) against the base (`pipe_at(0.0)`) with the micro-world judge.
 
@@ -129,7 +155,7 @@ def judge_subject(
     scaled, or two pipelines (full fine-tuning, or an embedding loaded only into the tuned one).
     """
     judge = judge or Judge()
-    instance, contexts, classes = subject_prompts(token)
+    instance, contexts, classes = subject_prompts(token, subject)
 
     scores: dict[float, float] = {}
 
@@ -138,13 +164,13 @@ def judge_subject(
         labels = [p for p in prompts for _ in seeds]
         judged = [judge.judge(img) for img in images]
         if prompts == instance:
-            scores[scale] = subject_likeness(images)
+            scores[scale] = subject_likeness(images, subject)
         hits = [test(out, label) for out, label in zip(judged, labels)]
         return sum(hits) / max(len(hits), 1)
 
-    has_subject = lambda out, _: is_subject(out)  # noqa: E731
+    has_subject = lambda out, _: is_subject(out, subject)  # noqa: E731
     backgrounds = dict(contexts)
-    in_context = lambda out, prompt: is_subject(out) and out["background"] == backgrounds[prompt]  # noqa: E731
+    in_context = lambda out, prompt: is_subject(out, subject) and out["background"] == backgrounds[prompt]  # noqa: E731
     fidelity = fraction(instance, 1.0, has_subject)
     context = fraction(list(backgrounds), 1.0, in_context)
     class_rate = fraction(classes, 1.0, has_subject)

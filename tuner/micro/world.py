@@ -1,8 +1,9 @@
 """The micro world: turn a seed into deterministic 64x64 captioned scenes with ground-truth labels.
 
 Real Stable Diffusion weights are out of reach offline, so the suite trains a tiny SD1-architecture model on this
-world. Four kinds of data come from it: `base` scenes (one shape, one color, one background, a texture) for the
-base model; a `concept` (a yellow/purple checkered heart) that base training never sees, for DreamBooth, LoRA and
+world. Six kinds of data come from it: `base` scenes (one shape, one color, one background, a texture) for the
+base model; a `subject` (one large black heart, INSTANCE), base-scene material its captions never single out, and a
+`concept` (a yellow/purple checkered heart, the hard case) that base training never sees, for DreamBooth, LoRA and
 textual inversion; `style` scenes (outline, mosaic) that base training never sees either; `pattern` images (fine
 stripes, checks, noise, glyphs), the texture corpus the micro VAE learns from beside base scenes, as SD's VAE learns
 from photos of everything; and a `domain` (polka dots) that neither taught the VAE, for decoder fine-tuning.
@@ -42,7 +43,8 @@ SIZES: tuple[str, ...] = ("small", "large")
 STYLES: tuple[str, ...] = ("outline", "mosaic")
 PATTERNS: tuple[str, ...] = ("stripes", "checks", "noise", "glyphs")
 DOMAIN_PATTERN = "dots"
-KINDS: tuple[str, ...] = ("base", "concept", "style", "pattern", "domain")  # append only: the index seeds the renders
+KINDS: tuple[str, ...] = ("base", "concept", "style", "pattern", "domain", "subject")  # append only: the index
+# seeds the renders
 
 RADIUS = {"small": (12.5, 15.0), "large": (18.0, 22.0)}  # shape radius in pixels, per size word: small shapes
 # must stay readable through a 4x VAE and a 16x16 latent (at 9.5-12 px a small star came back as a blob)
@@ -64,12 +66,17 @@ def shade(color: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Concept:
-    """A personalization subject: an object whose look (shape, two-tone pattern) never occurs in base training."""
+    """A personalization subject, named in captions by an identifier: `class_word` is its shape. With `cells` it is
+    the checkered two-tone object base training never shows (the hard case); with `color`, `texture` and `size` it
+    is one particular object the base can draw (a new instance of what it knows, like a user's own dog)."""
 
     name: str
     class_word: str
-    colors: tuple[str, str]
-    cells: float  # checker cell size as a fraction of the radius, so the pattern scales with the object
+    colors: tuple[str, ...]
+    cells: float = 0.0  # checker cell size as a fraction of the radius, so the pattern scales with the object
+    texture: str = "checkered"
+    size: str | None = None  # one size word, or None for photos at either size
+    photo_backgrounds: tuple[str, ...] = ()  # the only backgrounds of its photos (empty: every one that fits)
 
     @property
     def template(self) -> str:
@@ -77,8 +84,8 @@ class Concept:
 
     @property
     def backgrounds(self) -> tuple[str, ...]:
-        """Backgrounds that keep both pattern colors visible."""
-        return tuple(c for c in COLORS if c not in self.colors)
+        """Backgrounds of its photos: the given ones, else every one that keeps the subject's colors visible."""
+        return self.photo_backgrounds or tuple(c for c in COLORS if c not in self.colors)
 
     def caption(self, background: str, token: str | None = None) -> str:
         text = self.template.replace("{background}", background)
@@ -90,6 +97,12 @@ class Concept:
 
 
 CONCEPT = Concept(name="checkers", class_word="heart", colors=("yellow", "purple"), cells=0.5)
+"""The hard example subject (datasets/micro-subject-hard): a two-tone pattern the base never drew."""
+INSTANCE = Concept(name="black-heart", class_word="heart", colors=("black",), texture="solid", size="large",
+                   photo_backgrounds=("yellow", "pink", "purple"))  # fmt: skip
+"""The example subject (datasets/micro-subject): a large black heart, all words the base knows (it draws
+"a black heart" on 8 of 8 seeds) but one object its captions never single out, behind an identifier. Its photos
+show three backgrounds, so blue, green, red and white (the judge's context prompts) are new to it."""
 
 
 def _regular(n: int, radius: float, phase: float) -> np.ndarray:
@@ -157,6 +170,7 @@ class Scene:
     mention_size: bool = False  # caption wording only; the picture does not depend on these three
     mention_color: bool = True
     photo: bool = False
+    instance: bool = False  # a photo of INSTANCE: drawn as a base scene, captioned with the identifier
 
     def __post_init__(self):
         ok_color = self.color is None if self.concept else self.color in COLORS and self.color != self.background
@@ -167,7 +181,9 @@ class Scene:
 
     @property
     def kind(self) -> str:
-        return "concept" if self.concept else ("style" if self.style else "base")
+        if self.concept or self.instance:
+            return "concept" if self.concept else "subject"
+        return "style" if self.style else "base"
 
     def vertices(self) -> np.ndarray:
         """Polygon vertices in pixel coordinates."""
@@ -226,8 +242,8 @@ class Scene:
 
     def caption(self, token: str | None = None) -> str:
         """Short lowercase caption; concept captions keep `{token}` unless a token is given."""
-        if self.concept:
-            text = CONCEPT.caption(self.background, token)
+        if self.concept or self.instance:
+            text = (CONCEPT if self.concept else INSTANCE).caption(self.background, token)
             return text + (f" in {self.style} style" if self.style else "")
         words = ["a", "photo", "of", "a"] if self.photo else ["a"]
         if self.mention_size:
@@ -359,6 +375,16 @@ def sample_concept_scene(rng: np.random.Generator, *, style: str | None = None) 
                  photo=True)  # fmt: skip
 
 
+def sample_instance_scene(rng: np.random.Generator) -> Scene:
+    """One photo of INSTANCE: always the same object (shape, color, texture, size), in a varied pose and place."""
+    background = _pick(rng, INSTANCE.backgrounds)
+    radius = round(float(rng.uniform(*RADIUS[INSTANCE.size])), 3)
+    rotation = round(float(rng.uniform(-30.0, 30.0)), 3)
+    center = _place(rng, INSTANCE.class_word, radius, rotation)
+    return Scene(INSTANCE.class_word, INSTANCE.colors[0], background, INSTANCE.size, radius, center, rotation,
+                 INSTANCE.texture, photo=True, instance=True)  # fmt: skip
+
+
 def sample_style_scene(rng: np.random.Generator, *, style: str | None = None) -> Scene:
     """A base scene drawn in one of the styles."""
     return sample_scene(rng, style=_pick(rng, STYLES, style))
@@ -390,7 +416,7 @@ def _two_tone(rng: np.random.Generator, pattern: str) -> Pattern:
 
 
 _SAMPLERS = {"base": sample_scene, "concept": sample_concept_scene, "style": sample_style_scene,
-             "pattern": sample_pattern, "domain": sample_domain}  # fmt: skip
+             "pattern": sample_pattern, "domain": sample_domain, "subject": sample_instance_scene}  # fmt: skip
 
 
 def scenes(kind: str, n: int, seed: int, style: str | None = None) -> list[Scene | Pattern]:
