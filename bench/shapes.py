@@ -85,7 +85,9 @@ def sd_vae(width: float = 1.0, latent_channels: int = 4, **extra):
     )
 
 
-def clip_text(vocab_size: int, width: float = 1.0):
+def clip_text(tokens: int, width: float = 1.0, vocab_size: int = 49408):
+    """SD1.5's CLIP-L text encoder at `width`, with CLIP's 49,408-row embedding (a tokenizer of `tokens` ids uses
+    its first rows)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     hidden = _channels(768, width, 64)
@@ -99,9 +101,9 @@ def clip_text(vocab_size: int, width: float = 1.0):
             max_position_embeddings=77,
             projection_dim=hidden,
             hidden_act="quick_gelu",
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
+            bos_token_id=tokens - 2,
+            eos_token_id=tokens - 1,
+            pad_token_id=tokens - 1,
         )
     )
 

@@ -27,18 +27,21 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 def main() -> None:
     out, target, *rest = sys.argv[1:]
     ends: list[float] = []
+    cpu: list[float] = []  # this process's CPU time: on a shared machine, the work without the waiting
     rss: list[int] = []
     page = os.sysconf("SC_PAGE_SIZE")
 
     def record(optimizer, args, kwargs) -> None:
         if not getattr(optimizer, "_fused_inner", False):  # a fused-backward run's per-parameter steps
             ends.append(time.perf_counter())
+            cpu.append(time.process_time())
             with open("/proc/self/statm", encoding="ascii") as statm:
                 rss.append(int(statm.read().split()[1]) * page)
 
     def write() -> None:
         result = {
             "step_ends": ends,
+            "cpu_at_steps": cpu,
             "rss_at_steps": rss,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,

@@ -77,8 +77,8 @@ def our_config(model: Path, images: Path, out: Path, args) -> dict:
     }  # fmt: skip
 
 
-def step_times(result: dict, warmup: int) -> list[float]:
-    ends = result["step_ends"]
+def step_times(result: dict, warmup: int, key: str = "step_ends") -> list[float]:
+    ends = result[key]
     return [b - a for a, b in zip(ends, ends[1:])][warmup:]
 
 
@@ -93,17 +93,30 @@ def side_by_side(peer: Path, model: Path, images: Path, work: Path, args, env: d
     config.write_bytes(tomli_w.dumps(our_config(model, images, work / "ours-out", args)).encode())
     results["ours"] = run_probed(["tuner.cli:main", "train", "--config", str(config)], work / "ours.json", env,
                                  work / "ours.log")  # fmt: skip
+    if args.variant:  # ours again with `--set` overrides, to see where a figure comes from
+        sets = [f"--set={item}" for item in args.variant]
+        results["variant"] = run_probed(["tuner.cli:main", "train", "--config", str(config), *sets,
+                                         f"--set=train.output_dir={work / 'variant-out'}"], work / "variant.json", env,
+                                        work / "variant.log")  # fmt: skip
     for result in results.values():
         result["steps"] = step_times(result, args.warmup)
+        result["cpu_steps"] = step_times(result, args.warmup, "cpu_at_steps")
     return results
 
 
 def table(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
     med = {k: statistics.median(r["steps"]) for k, r in results.items()}
+    cpu = {k: statistics.median(r["cpu_steps"]) for k, r in results.items()}
     rows = [
-        ("step, median (s)", f"{med['peer']:.3f}", f"{med['ours']:.3f}", f"{med['peer'] / med['ours']:.2f}x faster"),
+        ("step, median wall (s)", f"{med['peer']:.3f}", f"{med['ours']:.3f}",
+         f"{med['peer'] / med['ours']:.2f}x faster"),
+        ("step, median CPU time (s)", f"{cpu['peer']:.3f}", f"{cpu['ours']:.3f}",
+         f"{cpu['peer'] / cpu['ours']:.2f}x less"),
         ("peak RSS (MiB)", *(f"{results[k]['peak_rss_bytes'] / 2**20:,.0f}" for k in ("peer", "ours")),
          f"{results['ours']['peak_rss_bytes'] / results['peer']['peak_rss_bytes']:.2f}x"),
+        ("peak RSS during the training steps (MiB)",
+         *(f"{max(results[k]['rss_at_steps']) / 2**20:,.0f}" for k in ("peer", "ours")),
+         f"{max(results['ours']['rss_at_steps']) / max(results['peer']['rss_at_steps']):.2f}x"),
         ("whole run, wall (s)", f"{results['peer']['wall_s']:.1f}", f"{results['ours']['wall_s']:.1f}", ""),
     ]  # fmt: skip
     if results["ours"].get("cuda_peak_bytes"):
@@ -129,6 +142,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each run (OMP_NUM_THREADS)")
     parser.add_argument("--peer-pythonpath", default="", help="extra PYTHONPATH for the peer (e.g. torchvision)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="also run ours with this --set override (repeatable), reported on its own line",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vs_diffusers.md")
     args = parser.parse_args(argv)
     args.peer_env = {"PYTHONPATH": args.peer_pythonpath} if args.peer_pythonpath else {}
@@ -150,6 +170,13 @@ def main(argv: list[str] | None = None) -> None:
         results = side_by_side(args.peer.resolve(), model, images, work, args, env)
         params = _unet_params(model)
     rows = table(results)
+    if "variant" in results:
+        v, peer = results["variant"], results["peer"]
+        rows.append((f"tuner with {', '.join(args.variant)}: step (s) / peak RSS / during steps (MiB)", "",
+                     f"{statistics.median(v['steps']):.3f} / {v['peak_rss_bytes'] / 2**20:,.0f} / "
+                     f"{max(v['rss_at_steps']) / 2**20:,.0f}",
+                     f"{statistics.median(peer['steps']) / statistics.median(v['steps']):.2f}x faster, "
+                     f"{v['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}x peak RSS"))  # fmt: skip
     for row in rows:
         print(" | ".join(row))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -169,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|",
         *[f"| {' | '.join(row)} |" for row in rows],
         "",
-        "Each run is its own process, timed by `bench/step_probe.py` (the time between consecutive optimizer steps).",
+        "Each run is its own process, timed by `bench/step_probe.py` (the time between consecutive optimizer steps);",
+        "with one torch thread per run, the CPU time per step is the work a step does, whatever else runs beside it.",
         "Ours reads cached latents and text embeddings and frees the VAE and the text encoder after caching; the",
         "example script encodes every batch with both. Peak RSS is the whole process, imports included.",
     ]
