@@ -40,11 +40,22 @@ def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
     return int(line.split()[1]) * 1024
 
+import threading, time
 table = json.loads(sys.argv[1])
 config = RunConfig.for_method("lora").model_validate(table)
-before = status("VmRSS")
+before, peak, done = status("RssAnon"), [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], status("RssAnon"))
+        time.sleep(0.002)
+
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 train(config, summary=False)
-print(json.dumps({"peak": status("VmHWM") - before}))
+done.set()
+sampler.join()
+print(json.dumps({"peak": peak[0] - before}))
 """
 
 
@@ -80,7 +91,8 @@ def peak(model: Path, images: Path, out: Path, quantize: str, steps: int, checkp
     }
     # Tensors of 64 KiB and more get pages of their own, freed at once: glibc's default raises that threshold after
     # each large free, and then the per-step up-cast copies of fp8 weights churn the heap, whose freed memory the
-    # resident set keeps (a CPU allocator effect, not memory the run holds).
+    # resident set keeps (a CPU allocator effect, not memory the run holds). The peak is of anonymous memory only:
+    # the weights file is memory-mapped, and its pages (host page cache on a GPU machine) are no run's own.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(table)], cwd=ROOT, capture_output=True,
                             text=True, check=True, env=env)  # fmt: skip
@@ -111,28 +123,30 @@ def main() -> None:
                 for ckpt in (True, False) for q in ("none", "fp8")}  # fmt: skip
     mib = 2**20
     lines = [
-        "# Quantized frozen base: peak memory of a LoRA run, fp8 base vs full-precision base",
+        "# Quantized frozen base: peak memory of a LoRA run, fp8 base vs bf16 base",
         "",
         f"`python bench/quantized.py --steps {args.steps}` on {platform.machine()}, torch {torch.__version__}, "
         f"one thread. A FLUX.1-shaped pipeline whose transformer has {params / 1e6:.1f}M parameters (fp32), LoRA "
         "rank 8 on the attention projections, 256 px, batch 1, AdamW, through `tuner.loop.train`; each run in its own "
-        "process (glibc mmap threshold fixed at 64 KiB), its peak resident set over its resident set after imports.",
+        "process (glibc mmap threshold fixed at 64 KiB), bf16 mixed precision (the base in bf16, or fp8 computed in "
+        "bf16, as the GPU tiers run), its peak anonymous resident memory (RssAnon sampled every 2 ms; the mapped "
+        "weights file excluded) over that after imports.",
         "",
         "| base | gradient checkpointing | peak MiB |",
         "|---|---|---|",
         *(
-            f"| {'fp8' if q == 'fp8' else 'full precision (fp32)'} | {'on' if c else 'off'} | {v / mib:.1f} |"
+            f"| {'fp8' if q == 'fp8' else 'bf16'} | {'on' if c else 'off'} | {v / mib:.1f} |"
             for (q, c), v in runs.items()
         ),  # fmt: skip
         "",
-        f"**fp8 / full-precision peak with gradient checkpointing (as every quantized tier runs): "
+        f"**fp8 / bf16 peak with gradient checkpointing (as every quantized tier runs): "
         f"{runs['fp8', True] / runs['none', True]:.2f}**; without it: {runs['fp8', False] / runs['none', False]:.2f}.",
         "",
-        "The transformer's linear weights are stored in 1 byte instead of 4 (norms, convolutions, the VAE, CLIP and "
+        "The transformer's linear weights are stored in 1 byte instead of 2 (norms, convolutions, the VAE, CLIP and "
         "the activations are unchanged). Each fp8 layer computes on an up-cast copy of its weight, and autograd keeps "
         "that copy for the backward pass (a linear layer's input gradient needs its weight): without checkpointing "
         "every layer's copy is held until the backward pass, so the fp8 run holds the float8 weights *and* a "
-        "full-precision copy of them. With checkpointing only the block being recomputed holds its copies, which is "
+        "bf16 copy of them. With checkpointing only the block being recomputed holds its copies, which is "
         "why the presets quantize only together with `train.gradient_checkpointing = true`, and why "
         "`tuner.memory` counts the copies as activations.",
     ]

@@ -287,12 +287,15 @@ def load_parts(
     frozen_base = [denoiser, *(e for spec, e in zip(family.encoders, encoders) if not spec.adaptable)]
     for module in (denoiser, vae_model, *encoders):
         module.requires_grad_(False)
-        if quantize in quantization.BITSANDBYTES and any(module is m for m in frozen_base):
+        quantized_part = quantize != "none" and any(module is m for m in frozen_base)
+        if quantized_part and quantize in quantization.BITSANDBYTES:
             continue  # placed and stored by bitsandbytes at load
-        module.to(device=device, dtype=weight_dtype)
-    if quantize == "fp8":
-        for module in frozen_base:
+        if quantized_part:  # fp8 on the host first: the device never holds the full-precision copy
+            module.to(dtype=weight_dtype)
             quantization.store_fp8(module, weight_dtype)
+            module.to(device=device)
+        else:
+            module.to(device=device, dtype=weight_dtype)
     return Parts(
         family=family,
         source=source,

@@ -51,6 +51,7 @@ def test_quantizing_and_checkpointing_lower_the_estimate_where_they_should(tiny_
     plain = estimate(configs, Setup(resolution=64, mixed_precision="no"))
     fp8 = estimate(configs, Setup(resolution=64, mixed_precision="no", quantize="fp8"))
     ckpt = estimate(configs, Setup(resolution=64, mixed_precision="no", gradient_checkpointing=True))
-    assert fp8.frozen < plain.frozen and fp8.activations == plain.activations
+    # fp8 stores weights in a byte, and without checkpointing every layer's up-cast copy waits for the backward pass
+    assert fp8.frozen < plain.frozen and fp8.activations > plain.activations
     assert ckpt.activations < plain.activations and ckpt.frozen == plain.frozen
     assert plain.trainable == plain.gradients > 0 and plain.total < GIB
