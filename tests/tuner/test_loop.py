@@ -74,10 +74,10 @@ def make_config(model: Path, images: Path, out: Path, **tables) -> dict:
     return config
 
 
-def train_here(config: dict, resume: str | None = None) -> Path:
+def train_here(config: dict, resume: str | None = None, overwrite: bool = False) -> Path:
     from tuner.loop import train
 
-    return train(RunConfig.for_method(config["method"]).model_validate(config), resume=resume)
+    return train(RunConfig.for_method(config["method"]).model_validate(config), resume=resume, overwrite=overwrite)
 
 
 def run_cli(config: dict, tmp: Path, *args: str, env: dict | None = None, launcher: list[str] | None = None):
