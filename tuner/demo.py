@@ -1,8 +1,10 @@
 """`tuner demo`: personalize the built-in micro model from the example subject, then render, judge and explain.
 
 The main job of the suite on its built-in default: DreamBooth-LoRA (preset `micro-subject-lora`) on the eight
-example photos in `datasets/micro-subject` (rendered again from the micro world when the folder is not there),
-a validation grid (base vs tuned), judge figures in `metrics.json`, a model card, and how to load the result.
+example photos in `datasets/micro-subject` (rendered again from the micro world when the folder is not there): a
+large black heart, a subject the base can draw but has no word for, photographed on three backgrounds. Then a
+validation grid (base vs tuned) on the instance prompt, on backgrounds the photos never show and on the class prompt,
+judge figures in `metrics.json`, a model card, what the figures mean, and how to load the result.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tuner.errors import TunerError
 
 PRESET = "micro-subject-lora"
 MARKER = ".tuner-demo"
+NEW_BACKGROUNDS = ("blue", "green", "red")
 
 
 def _photos(out: Path) -> Path:
@@ -25,7 +28,7 @@ def _photos(out: Path) -> Path:
     from tuner.micro.render import render_set
 
     target = out / "photos"
-    render_set(target, "concept", 8, seed=1)  # the same bytes as datasets/micro-subject
+    render_set(target, "subject", 8, seed=1)  # the same bytes as datasets/micro-subject
     return target
 
 
@@ -69,6 +72,8 @@ def run_demo(output_dir: str | Path = "tuner-demo", model: str | None = None, st
         print(f"note: {note}")
     photos = _photos(out)
     sets = [f"train.max_train_steps={steps}"] if steps else []
+    token = "sks"
+    instance, contexts, klass = _prompts(token)
     overrides = {
         "model": {"pretrained_model_name_or_path": model},
         "data": {
@@ -77,17 +82,30 @@ def run_demo(output_dir: str | Path = "tuner-demo", model: str | None = None, st
             "cache_dir": str(out / "cache"),
         },
         "train": {"output_dir": str(out)},
+        "validation": {"prompts": [instance, *contexts, klass]},
     }
     config = load_config(preset=PRESET, sets=sets, overrides=overrides)
+    if model == "builtin:micro":
+        from tuner.micro.quality import prior_images
+
+        prior_images(model, Path(config.data.class_data_dir), config.data.num_class_images)
     started = time.perf_counter()
     run = train(config, summary=False)  # the summary comes last, with the judge's figures
     seconds = time.perf_counter() - started
     metrics = {"train_seconds": round(seconds, 1), "steps": config.train.max_train_steps}
-    metrics["judge"] = _judge(model, run, config.data.token or "sks")
+    metrics["judge"] = _judge(model, run, config.data.token or token)
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     write_model_card(run)
     _explain(run, photos, metrics)
     return run
+
+
+def _prompts(token: str) -> tuple[str, list[str], str]:
+    """(instance prompt, the subject on backgrounds its photos never show, the class prompt) for the grid."""
+    from tuner.micro.world import INSTANCE
+
+    instance = INSTANCE.caption(INSTANCE.photo_backgrounds[0], token)
+    return instance, [INSTANCE.caption(bg, token) for bg in NEW_BACKGROUNDS], INSTANCE.class_caption("blue")
 
 
 def _judge(model: str, run: Path, token: str) -> dict:
@@ -111,7 +129,9 @@ def _explain(run: Path, photos: Path, metrics: dict) -> None:
 
     judge = metrics["judge"]
     details = [
-        ("photos used", str(photos)),
+        ("photos used", f"{photos} (a large black heart, on yellow, pink and purple backgrounds)"),
+        ("grid rows", "the instance prompt; the subject on blue, green and red (backgrounds no photo shows); the "
+                      "class prompt `a photo of a heart on a blue background`, which should look as before"),
         ("metrics.json", f"subject fidelity {judge['fidelity']:.2f} (base {judge['base_fidelity']:.2f}), context "
                          f"adherence {judge['context_adherence']:.2f}, prior drift {judge['prior_drift']:.2f}"),
     ]  # fmt: skip
@@ -125,3 +145,19 @@ def _explain(run: Path, photos: Path, metrics: dict) -> None:
             repo_id="you/micro-sks-heart",
         )
     )
+    print(meaning(judge))
+
+
+def meaning(judge: dict) -> str:
+    """The judge's figures in words: what a user should read from them."""
+    samples = judge["samples"]
+    return "\n".join([
+        "What the figures mean (the micro world's judge read every sample; 1.00 = all of them):",
+        f"- fidelity {judge['fidelity']:.2f}: the share of `a photo of a sks heart on a <photo background>` samples "
+        f"that show the subject, a black heart (the base without the LoRA: {judge['base_fidelity']:.2f}).",
+        f"- context adherence {judge['context_adherence']:.2f}: the share of samples that put it on a background "
+        "the prompt names and no photo shows (blue, green, red, white): it learned the heart, not the photos.",
+        f"- prior drift {judge['prior_drift']:.2f}: how much more often the plain class prompt `a photo of a heart "
+        "on a <color> background` now draws the subject than the base did; 0 means `heart` still means any heart.",
+        f"({samples} samples, seeds 0-3, 20 DDIM steps, guidance 4.)",
+    ])  # fmt: skip
