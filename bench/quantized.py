@@ -1,12 +1,12 @@
-"""Peak memory of a LoRA run on a quantized (fp8) frozen base against the same run on the full-precision base.
+"""Memory of LoRA training on a quantized (fp8) frozen base against the same training on a bf16 base.
 
-Run from the repository root: `python bench/quantized.py [--steps 5]`. A small FLUX.1-shaped pipeline (the tiny
-one with its transformer widened so its weights, the part quantization shrinks, dominate) trains the same LoRA
-through `tuner.loop.train` with `model.quantize = "none"` and `"fp8"`, with and without gradient checkpointing, each
-in its own child process; each figure is
-the child's peak resident set (VmHWM) over its resident set once its imports are done, so the ratio compares what
-the runs themselves hold. int8/nf4 (bitsandbytes) need CUDA and are not measured here. Writes
-bench/results/quantized.md.
+Run from the repository root: `python bench/quantized.py [--steps 3]`. A small FLUX.1-shaped pipeline (the tiny
+one with its transformer widened so its weights, the part quantization shrinks, dominate) is loaded by
+`tuner.models.load_parts` with `quantize = "none"` and `"fp8"`, and the LoRA trainer takes a few steps on it, with and
+without gradient checkpointing, each base in its own child process. The figures are anonymous resident memory over
+that after imports (held once loaded; peak over the steps). int8/nf4 (bitsandbytes) need CUDA and are not measured
+here. Writes bench/results/quantized.md. (A whole `tuner train` run peaks at loading or exporting, not in its steps,
+which is why the steps are measured on their own.)
 """
 
 from __future__ import annotations
@@ -29,33 +29,50 @@ WIDER = {"attention_head_dim": 64, "num_attention_heads": 8, "num_layers": 4, "n
          "axes_dims_rope": [16, 24, 24]}  # fmt: skip
 
 CHILD = """
-import json, sys
+import gc, json, sys, threading, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
+from trainers.lora import LoraTrainer
 from tuner.config import RunConfig
-from tuner.loop import train
+from tuner.models import load_parts
 
-def status(key):
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+def anon():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
     return int(line.split()[1]) * 1024
 
-import threading, time
-table = json.loads(sys.argv[1])
-config = RunConfig.for_method("lora").model_validate(table)
-before, peak, done = status("RssAnon"), [0], threading.Event()
+model, quantize, steps, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+before = anon()
+parts = load_parts(model, quantize=quantize, weight_dtype=torch.bfloat16)
+trainer = LoraTrainer(RunConfig.for_method("lora").model_validate({"method": "lora", "lora": {"rank": 8},
+                                                                    "data": {"token": "sks"}}))
+params = trainer.prepare(parts).parameters()
+if checkpointing:
+    parts.denoiser.enable_gradient_checkpointing()
+optimizer = torch.optim.AdamW(params, lr=1e-3)
+ids = parts.family.tokenize(parts, ["a photo of sks toy"])
+gc.collect()
+held = anon() - before
+peak, done = [0], threading.Event()
 
 def sample():
     while not done.is_set():
-        peak[0] = max(peak[0], status("RssAnon"))
+        peak[0] = max(peak[0], anon())
         time.sleep(0.002)
 
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
-train(config, summary=False)
+for step in range(steps):
+    latents = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(step))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = trainer.compute_loss(parts, {"latents": latents, "input_ids": ids,
+                                            "generator": torch.Generator().manual_seed(step)})
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 done.set()
 sampler.join()
-print(json.dumps({"peak": peak[0] - before}))
+print(json.dumps({"held": held, "peak": max(peak[0], anon()) - before}))
 """
 
 
@@ -73,82 +90,54 @@ def build(folder: Path) -> Path:
     return path
 
 
-def peak(model: Path, images: Path, out: Path, quantize: str, steps: int, checkpointing: bool) -> int:
-    table = {
-        "method": "lora",
-        "model": {"pretrained_model_name_or_path": str(model), "quantize": quantize},
-        "data": {"path": str(images), "resolution": 256, "enable_bucket": False, "token": "sks"},
-        "lora": {"rank": 8, "verify_export": False},
-        "optimizer": {"name": "adamw", "learning_rate": 1e-3},
-        "train": {
-            "output_dir": str(out),
-            "max_train_steps": steps,
-            "train_batch_size": 1,
-            "report_to": "none",
-            "checkpointing_steps": 10_000,
-        },  # fmt: skip
-        "validation": {"enabled": False},
-    }
-    # Tensors of 64 KiB and more get pages of their own, freed at once: glibc's default raises that threshold after
-    # each large free, and then the per-step up-cast copies of fp8 weights churn the heap, whose freed memory the
-    # resident set keeps (a CPU allocator effect, not memory the run holds). The peak is of anonymous memory only:
-    # the weights file is memory-mapped, and its pages (host page cache on a GPU machine) are no run's own.
+def measure(model: Path, quantize: str, steps: int, checkpointing: bool) -> dict[str, int]:
+    # Tensors of 64 KiB and more get pages of their own, freed at once (glibc's default raises that threshold after
+    # each large free, and the per-step up-cast copies of fp8 weights would then churn a heap whose freed memory
+    # the resident set keeps). Anonymous memory only: the weights file is memory-mapped, its pages are no run's own.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(table)], cwd=ROOT, capture_output=True,
-                            text=True, check=True, env=env)  # fmt: skip
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak"]
+    args = [str(model), quantize, str(steps), "1" if checkpointing else "0"]
+    result = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=ROOT, capture_output=True, text=True,
+                            check=True, env=env)  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    import numpy as np
-    from PIL import Image
+    from diffusers import FluxTransformer2DModel
 
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model = build(tmp)
-        images = tmp / "images"
-        images.mkdir()
-        for i in range(4):
-            pixels = np.full((256, 256, 3), 255, np.uint8)
-            pixels[40 + 8 * i : 140 + 8 * i, 40:140] = [220, 20, 20]
-            Image.fromarray(pixels).save(images / f"{i}.png")
-            (images / f"{i}.txt").write_text("a photo of sks toy", encoding="utf-8")
-        from diffusers import FluxTransformer2DModel
-
+        model = build(Path(tmp))
         params = sum(p.numel() for p in FluxTransformer2DModel.from_pretrained(model / "transformer").parameters())
-        runs = {(q, ckpt): peak(model, images, tmp / f"{q}-{ckpt}", q, args.steps, ckpt)
-                for ckpt in (True, False) for q in ("none", "fp8")}  # fmt: skip
+        runs = {(q, ckpt): measure(model, q, args.steps, ckpt) for ckpt in (True, False) for q in ("none", "fp8")}
     mib = 2**20
+    rows = [f"| {'fp8' if q == 'fp8' else 'bf16'} | {'on' if c else 'off'} | {r['held'] / mib:.1f} | "
+            f"{r['peak'] / mib:.1f} |" for (q, c), r in runs.items()]  # fmt: skip
+    ratio = {c: runs["fp8", c]["peak"] / runs["none", c]["peak"] for c in (True, False)}
+    held = runs["fp8", True]["held"] / runs["none", True]["held"]
     lines = [
-        "# Quantized frozen base: peak memory of a LoRA run, fp8 base vs bf16 base",
+        "# Quantized frozen base: memory of LoRA training on an fp8 base vs a bf16 base",
         "",
-        f"`python bench/quantized.py --steps {args.steps}` on {platform.machine()}, torch {torch.__version__}, "
-        f"one thread. A FLUX.1-shaped pipeline whose transformer has {params / 1e6:.1f}M parameters (fp32), LoRA "
-        "rank 8 on the attention projections, 256 px, batch 1, AdamW, through `tuner.loop.train`; each run in its own "
-        "process (glibc mmap threshold fixed at 64 KiB), bf16 mixed precision (the base in bf16, or fp8 computed in "
-        "bf16, as the GPU tiers run), its peak anonymous resident memory (RssAnon sampled every 2 ms; the mapped "
-        "weights file excluded) over that after imports.",
+        f"`python bench/quantized.py --steps {args.steps}` on {platform.machine()}, torch {torch.__version__}, one "
+        f"thread. A FLUX.1-shaped pipeline whose transformer has {params / 1e6:.1f}M parameters, loaded by "
+        "`tuner.models.load_parts` (weight dtype bf16, `quantize` none or fp8), the LoRA trainer's adapters (rank 8, "
+        "attention), AdamW, steps at 256 px (32x32 latents) under bf16 autocast; each base in its own process. "
+        "Anonymous resident memory over that after imports: held once loaded, and the peak over the steps (sampled "
+        "every 2 ms); glibc's mmap threshold fixed at 64 KiB, the memory-mapped weights file not counted.",
         "",
-        "| base | gradient checkpointing | peak MiB |",
-        "|---|---|---|",
-        *(
-            f"| {'fp8' if q == 'fp8' else 'bf16'} | {'on' if c else 'off'} | {v / mib:.1f} |"
-            for (q, c), v in runs.items()
-        ),  # fmt: skip
+        "| base | gradient checkpointing | held after loading MiB | peak over the steps MiB |",
+        "|---|---|---|---|",
+        *rows,
         "",
-        f"**fp8 / bf16 peak with gradient checkpointing (as every quantized tier runs): "
-        f"{runs['fp8', True] / runs['none', True]:.2f}**; without it: {runs['fp8', False] / runs['none', False]:.2f}.",
+        f"**fp8 / bf16 peak over the training steps: {ratio[True]:.2f} with gradient checkpointing** (as every "
+        f"quantized tier runs), {ratio[False]:.2f} without; held after loading: {held:.2f}.",
         "",
-        "The transformer's linear weights are stored in 1 byte instead of 2 (norms, convolutions, the VAE, CLIP and "
-        "the activations are unchanged). Each fp8 layer computes on an up-cast copy of its weight, and autograd keeps "
-        "that copy for the backward pass (a linear layer's input gradient needs its weight): without checkpointing "
-        "every layer's copy is held until the backward pass, so the fp8 run holds the float8 weights *and* a "
-        "bf16 copy of them. With checkpointing only the block being recomputed holds its copies, which is "
-        "why the presets quantize only together with `train.gradient_checkpointing = true`, and why "
-        "`tuner.memory` counts the copies as activations.",
+        "fp8 stores the transformer's linear weights in 1 byte instead of 2; FLUX.1's norms (including the large "
+        "modulation linears diffusers' layerwise casting skips as `norm`), the VAE, CLIP and the activations are "
+        "unchanged. Each fp8 layer computes on an up-cast copy of its weight, which autograd keeps for the backward "
+        "pass (a linear layer's input gradient needs its weight): without checkpointing every layer's copy waits for "
+        "the backward pass, with it only the recomputed block's (`tuner.memory` counts these copies).",
     ]
     out = ROOT / "bench" / "results" / "quantized.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
