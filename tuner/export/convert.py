@@ -255,6 +255,9 @@ def fuse_lora(input_path: str | Path, model: str, out: str | Path, scale: float 
     state = read_any(input_path, model)
     pipe = fresh_pipeline(source, complete=True)  # the saved folder keeps every component of the base
     if _loader(input_path, fmt, state).loader == "diffusers":
+        for name in ("unet", "transformer"):
+            if getattr(pipe, name, None) is not None:
+                refuse_merge(getattr(pipe, name), f"--to fused --model {model}")
         pipe.load_lora_weights(str(input_path), adapter_name="fuse")
         pipe.fuse_lora(lora_scale=scale, adapter_names=["fuse"])
         pipe.unload_lora_weights()
