@@ -7,6 +7,7 @@ come from the pydantic models in `tuner.config` and the trainers' `Config` class
 
 from __future__ import annotations
 
+import functools
 import typing
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,22 @@ def memory_note(preset: str, vram: float | None) -> str:
     if tier is None:
         return "no memory tiers: sized for CPU and small GPUs"
     tiers = ", ".join(str(t) for t in sorted(chosen.tiers))
-    return f"{tier} GB tier: the preset's settings sized to fit {tier} GB of GPU memory (tiers: {tiers} GB)"
+    note = f"{tier} GB tier: the preset's settings sized to fit {tier} GB of GPU memory (tiers: {tiers} GB)"
+    estimate = _estimate(preset, vram if vram is not None else float(tier))
+    return f"{note}. {estimate}" if estimate else note
+
+
+@functools.lru_cache(maxsize=64)
+def _estimate(preset: str, vram: float) -> str:
+    """`tuner presets show --vram`'s estimate in one line (from model configs, no weights; cached: seconds each)."""
+    from tuner.memory import preset_estimate
+
+    lines = [line.strip() for line in preset_estimate(preset, vram) if line.strip()]
+    total = next((line for line in lines if line.startswith("total")), None)
+    if total is None:
+        return ""
+    verdict = next((line for line in lines if "fit" in line), "")
+    return f"Estimated peak: {total.removeprefix('total').strip()}; {verdict}"
 
 
 def _kind(annotation: Any) -> tuple[str, list[Any] | None, bool]:
