@@ -130,3 +130,15 @@ def test_render_cli_rejects_bad_arguments(tmp_path, capsys):
     assert err.value.code == 2
     with pytest.raises(ValueError, match="expected one of"):
         render.render_set(tmp_path, "nope", 1, 0)
+
+
+def test_the_reachable_subject_is_one_object_of_base_words_on_its_own_backgrounds():
+    photos = world.scenes("subject", 8, seed=1)
+    inst = world.INSTANCE
+    assert {(s.shape, s.color, s.texture, s.size) for s in photos} == {
+        (inst.class_word, *inst.colors, "solid", "large")
+    }
+    assert {s.background for s in photos} <= set(inst.photo_backgrounds) and len({s.rotation for s in photos}) == 8
+    assert all(s.kind == "subject" and not s.concept for s in photos)
+    assert photos[0].caption("sks") == f"a photo of a sks heart on a {photos[0].background} background"
+    assert photos[0].labels()["kind"] == "subject" and photos[0].labels()["color"] == "black"
