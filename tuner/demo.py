@@ -61,10 +61,14 @@ def _fresh(out: Path) -> None:
 
 
 def run_demo(output_dir: str | Path = "tuner-demo", model: str | None = None, steps: int | None = None) -> Path:
+    import torch
+
     from tuner.config import load_config
     from tuner.hub import write_model_card
     from tuner.loop import train
 
+    if not torch.cuda.is_available():  # the micro model is tiny: on shared CPU cores one thread per process trains
+        torch.set_num_threads(1)  # it many times faster than several (7.5 s a step against 0.4 s at load 4-5)
     out = Path(output_dir).resolve()
     _fresh(out)
     model, note = _model(out, model)
@@ -156,7 +160,9 @@ def meaning(judge: dict) -> str:
         f"- fidelity {judge['fidelity']:.2f}: the share of `a photo of a sks heart on a <photo background>` samples "
         f"that show the subject, a black heart (the base without the LoRA: {judge['base_fidelity']:.2f}).",
         f"- context adherence {judge['context_adherence']:.2f}: the share of samples that put it on a background "
-        "the prompt names and no photo shows (blue, green, red, white): it learned the heart, not the photos.",
+        "the prompt names and no photo shows (blue, green, red, white): "
+        + ("it learned the heart, not the photos." if judge["context_adherence"] >= 0.7 else
+           "under 0.7, it learned the photos' backgrounds with the heart, and new ones often lose it."),
         f"- prior drift {judge['prior_drift']:.2f}: how much more often the plain class prompt `a photo of a heart "
         "on a <color> background` now draws the subject than the base did; 0 means `heart` still means any heart.",
         f"({samples} samples, seeds 0-3, 20 DDIM steps, guidance 4.)",
