@@ -26,11 +26,12 @@ def bench():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures the resident set through /proc")
 def test_estimate_is_within_a_quarter_of_the_measured_cpu_peak(bench, tmp_path):
     configs = bench.small_configs("flux", tmp_path)
-    # bench/memory.py measures more setups (plain, checkpointing, fp8, a UNet); this one takes the most paths.
+    # bench/memory.py measures more setups (plain, checkpointing, fp8, a UNet); this one takes the most paths. It is
+    # measured in a fresh process: this worker's earlier tests leave allocator arenas in its resident set.
     for setup in (
         Setup(resolution=512, mixed_precision="no", optimizer="adamw", quantize="fp8", gradient_checkpointing=True),
     ):
-        estimated, measured = estimate(configs, setup).total, bench.measured_peak(configs, setup)
+        estimated, measured = estimate(configs, setup).total, bench.measured_peak_alone("flux", setup)
         print(f"{setup.quantize} checkpointing={setup.gradient_checkpointing}: estimate {estimated / 2**20:.1f} MiB, "
               f"measured {measured / 2**20:.1f} MiB")  # fmt: skip
         assert 0.75 <= estimated / measured <= 1.25, (setup, estimated, measured)
