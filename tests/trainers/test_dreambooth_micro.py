@@ -40,6 +40,7 @@ def samples(pipe, prompt: str) -> list:
     ).images
 
 
+@pytest.mark.slow  # about 2 min: DreamBooth on the micro base, judged
 def test_instance_prompt_draws_the_subject_and_the_class_prompt_does_not(tmp_path):
     overrides = {
         "model": {"pretrained_model_name_or_path": f"{BUILTIN_PREFIX}micro"},

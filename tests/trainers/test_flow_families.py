@@ -360,6 +360,7 @@ def run_cli(table: dict, tmp: Path, *args: str, env: dict | None = None, launche
     return subprocess.run(command, cwd=root, env=full_env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # about 70 s: killed, resumed and DDP runs
 def test_flux_lora_sigkill_then_resume_is_bitwise_identical_and_ddp_matches(tiny_models, subject, tmp_path):
     def table(out: Path, batch: int = 2) -> dict:
         lora = {"rank": 4, "alpha": 8, "train_text_encoder": True, "verify_export": False}

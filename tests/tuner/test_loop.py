@@ -260,6 +260,7 @@ def test_damaged_checkpoint_is_refused_unless_fallback_is_asked(tiny_models, ima
 # --- several processes ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 25 s: two processes
 def test_two_process_cpu_run_matches_one_process(tiny_models, images, tmp_path):
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate CLI not installed next to this python")

@@ -155,6 +155,7 @@ def train_steps_with(optimizer, parts) -> None:
     optimizer.step()
 
 
+@pytest.mark.slow  # 30-110 s: inductor compiles on the CPU
 def test_regional_compilation_keeps_the_loss_curve():
     """20 steps of a compiled (CPU inductor, repeated blocks only) and an uncompiled UNet from the same weights
     and batches give the same losses and weights within float tolerance; compile time is printed."""

@@ -29,6 +29,7 @@ def _digest(folder: Path) -> str:
     ).hexdigest()
 
 
+@pytest.mark.slow  # about 90 s: builds and judges a micro base
 def test_gpu_script_judges_and_keeps_the_installed_base_when_the_new_one_is_not_better(tmp_path):
     installed = tmp_path / "installed"
     shutil.copytree(resolve_model_path("builtin:micro"), installed)

@@ -35,6 +35,7 @@ STYLE_GAIN, DECODER_GAIN_DB, MAX_PRIOR_DRIFT = 0.0, 1.0, 0.5
 pytestmark = pytest.mark.skipif(not has_builtin_model("micro"), reason="this install has no built-in micro model")
 
 
+@pytest.mark.slow  # 40-160 s each: a method trained on the micro world, judged
 @pytest.mark.parametrize("name", [*SUBJECT_GAIN, "style-lora", "decoder"])
 def test_trainer_learns_on_the_micro_world(name, tmp_path):
     run_dir, _, config = train_method(name, "builtin:micro", tmp_path, STEPS_SCALE)

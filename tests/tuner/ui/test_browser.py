@@ -70,6 +70,7 @@ def _set_field(page, key: str, value: str) -> None:
     field.dispatch_event("change")
 
 
+@pytest.mark.slow  # about 50-140 s: the whole workflow in Chromium
 def test_personalize_in_the_browser(tmp_path, serve_app, monkeypatch):
     sync_api = pytest.importorskip("playwright.sync_api")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training child: one thread is fastest on tiny models
