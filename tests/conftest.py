@@ -12,8 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked slow run first: the two xdist workers then finish together instead of one waiting on the other's
-    last two-minute test (a minute and more of the suite's wall time)."""
+    """Tests marked slow run first, so that with `--dist worksteal` (the README's command) the two workers finish
+    together: a two-minute test started last would leave one worker waiting on the other."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

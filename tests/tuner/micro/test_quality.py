@@ -1,4 +1,5 @@
-"""A small `bench/quality.py`: every trainer, at half its preset's steps, must move a continuous judge figure.
+"""A small `bench/quality.py`: every trainer, at half its preset's steps (the decoder at a quarter), must move a
+continuous judge figure.
 
 The bench reports the issue's figures (fidelity, context, prior drift, style adherence, PSNR gain); this test
 guards the direction: a subject method must bring the palette of instance-prompt samples closer to the photos' than
@@ -15,7 +16,8 @@ import pytest
 from tuner.micro.quality import score_method, train_method
 from tuner.models import has_builtin_model
 
-STEPS_SCALE = 0.5
+STEPS_SCALE = {"decoder": 0.25}
+"""Share of each preset's steps trained here: half, and a quarter for the decoder (its 1,600 are the longest run)."""
 SEEDS = (0, 1)
 # Minimum gain of the subject likeness (palette closeness to the photos, tuned minus base) per subject method. The
 # bounds were set on the earlier example subject (the checkered heart, now datasets/micro-subject-hard), where these
@@ -27,8 +29,9 @@ SUBJECT_GAIN = {"dreambooth": 0.005, "dreambooth-lora": 0.01, "textual-inversion
 # Style: the outline score must rise at all (measured +0.021 here): a style LoRA that stops learning leaves it
 # exactly at the base's. The gain is small because the base draws "... in outline style" prompts badly and 300 steps
 # on 16 images mostly teach hollow shapes, not yet the right colors around them.
-# Decoder held-out PSNR gain measured +2.2 dB (800 steps on the polka dots). Prior drift measured 0 for every
-# method: the bound catches prior preservation that stops working (the subject taking over the class samples).
+# Decoder held-out PSNR gain measured +1.34 dB at 400 steps (+2.2 dB at 800) on the polka dots. Prior drift measured 0
+# for every method but pivotal tuning (0.75 at full steps, no prior preservation in its preset): the bound catches
+# prior preservation that stops working (the subject taking over the class samples).
 STYLE_GAIN, DECODER_GAIN_DB, MAX_PRIOR_DRIFT = 0.0, 1.0, 0.5
 
 
@@ -38,7 +41,7 @@ pytestmark = pytest.mark.skipif(not has_builtin_model("micro"), reason="this ins
 @pytest.mark.slow  # 40-160 s each: a method trained on the micro world, judged
 @pytest.mark.parametrize("name", [*SUBJECT_GAIN, "style-lora", "decoder"])
 def test_trainer_learns_on_the_micro_world(name, tmp_path):
-    run_dir, _, config = train_method(name, "builtin:micro", tmp_path, STEPS_SCALE)
+    run_dir, _, config = train_method(name, "builtin:micro", tmp_path, STEPS_SCALE.get(name, 0.5))
     metrics = score_method(name, "builtin:micro", run_dir, config, seeds=SEEDS)
     print(name, metrics)
     if name == "decoder":
