@@ -104,6 +104,10 @@ class DataConfig(Section):
     """Template for every caption; `{caption}` is the caption, `{token}` the identifier token."""
     token: str | None = None
     """The identifier / placeholder token that `{token}` expands to."""
+    token_in_captions: str | None = Field(None, pattern=r"^\S+$")
+    """A word of the captions that stands for the token (a set captioned for DreamBooth writes `sks`): each whole-word
+    occurrence becomes `token`, so textual inversion's new word can learn from those captions (diffusers' advanced
+    scripts call it --token_abstraction)."""
     caption_prefix: str = ""
     """Text put before every caption."""
     caption_suffix: str = ""

@@ -237,15 +237,20 @@ def write_images(folder, caption):
     return folder
 
 
-def test_loop_sd1_multi_vector_from_captions(tiny_models, tmp_path):
+@pytest.mark.parametrize(
+    ("caption", "data"),
+    [("a photo of {token} on the beach", {}), ("a photo of sks on the beach", {"token_in_captions": "sks"})],
+    ids=["token-in-template", "dreambooth-captions"],
+)
+def test_loop_sd1_multi_vector_from_captions(tiny_models, tmp_path, caption, data):
     from diffusers import DiffusionPipeline
     from safetensors.torch import load_file
 
     from tuner.loop import train
     from tuner.trainer import Artifact
 
-    data = write_images(tmp_path / "data", "a photo of {token} on the beach")
-    config = make_config(tiny_models["sd1"], steps=3, data={"path": str(data)},
+    data = {"path": str(write_images(tmp_path / "data", caption)), **data}
+    config = make_config(tiny_models["sd1"], steps=3, data=data,
                          train={"output_dir": str(tmp_path / "run")}, templates="captions", num_vectors=2)  # fmt: skip
     run = train(config)
     artifact = Artifact.read(run)

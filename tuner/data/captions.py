@@ -6,6 +6,7 @@ same captions as the uninterrupted one.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def template_needs_caption(data: DataConfig) -> bool:
 
 def format_caption(data: DataConfig, caption: str, prefix: str = "") -> str:
     """The static part: template, subset prefix, data prefix/suffix (what the text cache can key on)."""
+    if data.token_in_captions and data.token and data.token not in caption:
+        caption = re.sub(rf"(?<!\w){re.escape(data.token_in_captions)}(?!\w)", lambda _: data.token, caption)
     text = data.caption_template.replace("{caption}", caption).replace("{token}", data.token or "")
     parts = [p for p in (data.caption_prefix, prefix, text, data.caption_suffix) if p]
     return " ".join(" ".join(parts).split())

@@ -15,6 +15,16 @@ def test_template_token_prefix_suffix():
     assert format_caption(data, "dog", prefix="subset") == "best subset a photo of sks, dog hd"
 
 
+def test_the_word_that_stands_for_the_token_becomes_the_token():
+    data = DataConfig(token="<sks>", token_in_captions="sks")  # a set captioned for DreamBooth, read by TI
+    assert format_caption(data, "a photo of a sks heart on a purple background") == (
+        "a photo of a <sks> heart on a purple background"
+    )
+    assert format_caption(data, "sks, heart, sksx, asks") == "<sks>, heart, sksx, asks"  # whole words only
+    assert format_caption(data, "a <sks> heart") == "a <sks> heart"  # already written with the token
+    assert format_caption(DataConfig(token="<sks>"), "a sks heart") == "a sks heart"  # no word given: unchanged
+
+
 def test_shuffle_keeps_the_first_tokens_and_all_tags():
     caption = "sks, dog, grass, sun, blue sky, smiling"
     seen = set()
