@@ -4,7 +4,8 @@ continuous judge figure.
 The bench reports the issue's figures (fidelity, context, prior drift, style adherence, PSNR gain); this test
 guards the direction: a subject method must bring the palette of instance-prompt samples closer to the photos' than
 the base model's is, the style LoRA the judge's outline score, the decoder the held-out PSNR; and the subject
-must not take over the class prompt. A trainer that stops learning (lr 0, a frozen adapter, a loss that no longer
+must not take over the class prompt; the subject methods must also reach the issue's fidelity targets (and
+DreamBooth-LoRA a context bound) on fixed seeds. A trainer that stops learning (lr 0, a frozen adapter, a loss that no longer
 reaches the weights) leaves the tuned figures equal to the base's and fails. Thresholds sit well under the gains
 measured with the shipped micro model (noted beside each).
 """
@@ -33,6 +34,11 @@ SUBJECT_GAIN = {"dreambooth": 0.005, "dreambooth-lora": 0.01, "textual-inversion
 # for every method but pivotal tuning (0.75 at full steps, no prior preservation in its preset): the bound catches
 # prior preservation that stops working (the subject taking over the class samples).
 STYLE_GAIN, DECODER_GAIN_DB, MAX_PRIOR_DRIFT = 0.0, 1.0, 0.5
+# The issue's figures at these steps and seeds (fixed, so a run is reproducible): subject fidelity at its target
+# (measured 1.00 for all four), and DreamBooth-LoRA's context adherence and prior drift (measured 0.62 and 0.00; at
+# full steps and 4 seeds the bench measures 0.88 against its 0.7 target).
+MIN_FIDELITY = {"dreambooth": 0.7, "dreambooth-lora": 0.8, "textual-inversion": 0.6, "pivotal": 0.6}
+LORA_MIN_CONTEXT, LORA_MAX_PRIOR_DRIFT = 0.5, 0.1
 
 
 pytestmark = pytest.mark.skipif(not has_builtin_model("micro"), reason="this install has no built-in micro model")
@@ -52,3 +58,7 @@ def test_trainer_learns_on_the_micro_world(name, tmp_path):
         gain = metrics["subject_likeness"] - metrics["base_subject_likeness"]
         assert gain >= SUBJECT_GAIN[name], metrics
         assert metrics["prior_drift"] <= MAX_PRIOR_DRIFT, metrics
+        assert metrics["fidelity"] >= MIN_FIDELITY[name], metrics
+        if name == "dreambooth-lora":
+            assert metrics["context_adherence"] >= LORA_MIN_CONTEXT, metrics
+            assert metrics["prior_drift"] <= LORA_MAX_PRIOR_DRIFT, metrics
