@@ -33,6 +33,23 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return Models()
 
 
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory) -> Path:
+    """Four 64 px photos of a toy subject (a red square on white, shifted a little), each captioned
+    `a photo of sks toy` (the flow-family and quantization tests' TRIGGER)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("subject")
+    for i in range(4):
+        img = np.full((64, 64, 3), 255, np.uint8)
+        o = 10 + 4 * i
+        img[o : o + 28, o : o + 28] = [220, 20, 20]
+        Image.fromarray(img).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a photo of sks toy", encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(params=["sd1", "sd2", "sdxl"])
 def family(request) -> str:
     return request.param

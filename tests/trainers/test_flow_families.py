@@ -26,22 +26,9 @@ from tuner.losses import LossOptions, diffusion_loss
 from tuner.models import detect_family, load_parts
 from tuner.trainer import Artifact
 
-TRIGGER = "a photo of sks toy"
+TRIGGER = "a photo of sks toy"  # the captions of the `subject` photos (tests/conftest.py)
 FLOW = ["sd3", "flux"]
 ADAPTER_FAMILIES = [*FLOW, "zimage"]  # Z-Image: LoRA and DreamBooth-LoRA of the transformer (no text-encoder LoRA)
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory) -> Path:
-    """Four 64 px photos of the subject (a red square on white, shifted a little) captioned with the trigger."""
-    folder = tmp_path_factory.mktemp("subject")
-    for i in range(4):
-        img = np.full((64, 64, 3), 255, np.uint8)
-        o = 10 + 4 * i
-        img[o : o + 28, o : o + 28] = [220, 20, 20]
-        Image.fromarray(img).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(TRIGGER, encoding="utf-8")
-    return folder
 
 
 def run_table(model: Path, images: Path, out: Path, method: str = "lora", steps: int = 10, **tables) -> dict:

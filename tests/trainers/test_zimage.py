@@ -23,7 +23,7 @@ from tuner.losses import LossOptions, diffusion_loss
 from tuner.models import detect_family, load_parts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_flow_families import TRIGGER, run_table, subject, train_here  # noqa: E402, F401
+from test_flow_families import TRIGGER, run_table, train_here  # noqa: E402
 
 
 def test_zimage_is_detected_and_encodes_prompts_exactly_as_its_pipeline(tiny_models):
@@ -70,7 +70,7 @@ def test_zimage_flow_loss_is_its_definition(tiny_models):
     assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
 
 
-def test_zimage_refuses_text_encoder_lora_and_new_tokens(tiny_models, subject, tmp_path):  # noqa: F811
+def test_zimage_refuses_text_encoder_lora_and_new_tokens(tiny_models, subject, tmp_path):
     table = run_table(tiny_models["zimage"], subject, tmp_path / "run", lora={"train_text_encoder": True})
     with pytest.raises(ConfigError, match=r"lora.train_text_encoder = true: .*ZImagePipeline \(Qwen3\).*false"):
         train_here(table)
@@ -132,7 +132,7 @@ class CrashingLora(LoraTrainer):
         return super().compute_loss(parts, batch)
 
 
-def test_zimage_lora_crash_then_resume_is_bitwise_identical(tiny_models, subject, tmp_path):  # noqa: F811
+def test_zimage_lora_crash_then_resume_is_bitwise_identical(tiny_models, subject, tmp_path):
     """A run dies after checkpoint 2 of 4 (in this process: a kill -9 subprocess costs ~25 s of imports here, and
     test_flow_families kills one for FLUX.1); `resume="latest"` ends with the uninterrupted run's LoRA, bit for
     bit: transformer adapter, optimizer, sigma and noise draws (the family's CPU generator) all restored."""

@@ -20,20 +20,8 @@ from tuner.errors import ConfigError, TunerError
 from tuner.losses import LossOptions
 from tuner.models import check_trainable, load_parts
 
-TRIGGER = "a photo of sks toy"
+TRIGGER = "a photo of sks toy"  # the captions of the `subject` photos (tests/conftest.py)
 NO_LOSS = LossOptions()
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("subject")
-    for i in range(4):
-        img = np.full((64, 64, 3), 255, np.uint8)
-        o = 10 + 4 * i
-        img[o : o + 28, o : o + 28] = [220, 20, 20]
-        Image.fromarray(img).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(TRIGGER, encoding="utf-8")
-    return folder
 
 
 def configs_only(model: Path, dest: Path) -> Path:

@@ -5,9 +5,9 @@ The bench reports the issue's figures (fidelity, context, prior drift, style adh
 guards the direction: a subject method must bring the palette of instance-prompt samples closer to the photos' than
 the base model's is, the style LoRA the judge's outline score, the decoder the held-out PSNR; and the subject
 must not take over the class prompt; the subject methods must also reach the issue's fidelity targets (and
-DreamBooth-LoRA a context bound) on fixed seeds. A trainer that stops learning (lr 0, a frozen adapter, a loss that no longer
-reaches the weights) leaves the tuned figures equal to the base's and fails. Thresholds sit well under the gains
-measured with the shipped micro model (noted beside each).
+DreamBooth-LoRA a context bound) on fixed seeds. A trainer that stops learning (lr 0, a frozen adapter, a loss that
+no longer reaches the weights) leaves the tuned figures equal to the base's and fails. Thresholds sit well under the
+gains measured with the shipped micro model (noted beside each).
 """
 
 from __future__ import annotations
