@@ -46,8 +46,10 @@ class RunLock:
         self.folder, self.what = Path(folder), what
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     def __enter__(self) -> RunLock:
+        self._created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -80,6 +82,13 @@ class RunLock:
             return
         with contextlib.suppress(OSError):  # a full or vanished disk: the lock still goes with the descriptor
             os.ftruncate(self._fd, 0)  # empty: a clean end, nothing to take over
+        if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+            # A run that stopped before writing anything (a mistyped model, a bad config) leaves no folder behind.
+            # Unlinked while still locked: another run's non-blocking attempt meanwhile is refused, not queued.
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                for folder in self._created:  # the folders this lock made, innermost first, while they are empty
+                    folder.rmdir()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

@@ -101,9 +101,12 @@ def test_a_local_path_that_is_not_there_says_so_without_a_hub_error(model, photo
 
 
 def test_a_folder_that_is_not_a_model_says_so(photos, tmp_path, capsys):
-    assert main(["train", "--preset", "micro-subject-lora", "--model", str(photos), "--data", str(photos)]) == 1
+    out = tmp_path / "runs" / "db"
+    args = ["train", "--preset", "micro-subject-lora", "--model", str(photos), "--data", str(photos)]
+    assert main([*args, "--output-dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert "model_index.json" in err and "repo" not in err.lower()
+    assert not (tmp_path / "runs").exists(), "a run that wrote nothing leaves no folder behind"
 
 
 # --- tuner check-data ---------------------------------------------------------------------------------------------
