@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,8 @@ def test_gpu_script_judges_and_keeps_the_installed_base_when_the_new_one_is_not_
     args = ["--steps", "2", "--out", str(tmp_path / "out"), "--install-dir", str(installed), "--images", "32",
             "--patterns", "8", "--prompts", "2", "--seeds", "2", "--sample-steps", "4",
             "--ceiling-images", "8"]  # fmt: skip
-    done = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the tests, wherever its venv lies
+    done = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     print(done.stdout[-3000:], done.stderr[-3000:])
     assert done.returncode == 3, done.stderr[-2000:]
     assert "NOT INSTALLED" in done.stdout and "NOT BETTER" in done.stdout
