@@ -22,7 +22,7 @@ import torch
 
 from tuner.errors import TunerError
 from tuner.export.lora_kohya import _component, _to_peft, read_kohya_tensors
-from tuner.export.merge import merged_weight
+from tuner.export.merge import merge_into
 from tuner.export.state import LoraState
 
 PREFIX = "diffusion_model."
@@ -107,8 +107,4 @@ def apply_comfy(pipe, path: str | Path, scale: float = 1.0) -> int:
     unknown = sorted(n for n in grouped if not COMFY_MAPPED.fullmatch(n) or n not in modules)
     if unknown:
         raise TunerError(f"{path}: keys ComfyUI's Z-Image map does not load, e.g. {unknown[:3]}")
-    with torch.no_grad():
-        for name, params in grouped.items():
-            weight = modules[name].weight
-            weight.copy_(merged_weight(params, weight, scale).to(weight.dtype))
-    return len(grouped)
+    return merge_into(grouped, modules, scale)

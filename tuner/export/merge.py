@@ -81,8 +81,13 @@ def apply_kohya(pipe: Any, source: str | Path | dict[str, torch.Tensor], scale: 
     missing = sorted(name for name in grouped if name not in table)
     if missing:
         raise TunerError(f"{path}: {len(missing)} module(s) not in this pipeline, e.g. {missing[:3]}")
+    return merge_into(grouped, table, scale)
+
+
+def merge_into(grouped: dict[str, dict[str, torch.Tensor]], modules: dict[str, Any], scale: float) -> int:
+    """Add each grouped module's LoRA delta to the weight of `modules[name]`, in place; returns the module count."""
     with torch.no_grad():
         for name, params in grouped.items():
-            weight = table[name].weight
+            weight = modules[name].weight
             weight.copy_(merged_weight(params, weight, scale).to(weight.dtype))
     return len(grouped)
