@@ -82,10 +82,10 @@ class RunLock:
             return
         with contextlib.suppress(OSError):  # a full or vanished disk: the lock still goes with the descriptor
             os.ftruncate(self._fd, 0)  # empty: a clean end, nothing to take over
-        if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
-            # A run that stopped before writing anything (a mistyped model, a bad config) leaves no folder behind.
-            # Unlinked while still locked: another run's non-blocking attempt meanwhile is refused, not queued.
-            with contextlib.suppress(OSError):
+        # A run that stopped before writing anything (a mistyped model, a bad config) leaves no folder behind.
+        # Unlinked while still locked: another run's non-blocking attempt meanwhile is refused, not queued.
+        with contextlib.suppress(OSError):
+            if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
                 self.path.unlink()
                 for folder in self._created:  # the folders this lock made, innermost first, while they are empty
                     folder.rmdir()
