@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         "white, backgrounds no photo of the reachable subject shows (context: subject and background both right), "
         "and on the class prompt `a photo of a heart on a <color> background` (prior drift: how much more often "
         f"the subject appears than with the base model); seeds 0-{args.seeds - 1}, 20 DDIM steps, guidance 4. "
-        "`base_fidelity` is the same model without the adaptation. The style LoRA is scored on three prompts "
-        "ending in `in outline style`; the decoder on its held-out 20% of datasets/micro-domain.\n",
+        "`base_fidelity` is the same model without the adaptation. The style LoRA is scored on four prompts the "
+        "base draws right, ending in the style's trigger word `painting` (style adherence: the judge reads the "
+        "shaded style; content kept: shape and color are the prompt's, beside `base_content`, the base on the same "
+        "prompts without the trigger); the decoder on its held-out 20% of datasets/micro-domain.\n",
         encoding="utf-8",
     )
     print(f"wrote {args.results}")

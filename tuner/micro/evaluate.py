@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tuner.micro.judge import Judge
-from tuner.micro.world import CONCEPT, INSTANCE, PALETTE, Concept, scenes
+from tuner.micro.world import CONCEPT, INSTANCE, PALETTE, STYLE_TRIGGERS, Concept, parse_caption, scenes
 
 CONTEXT_BACKGROUNDS = ("blue", "green", "red", "white")
 
@@ -192,28 +192,42 @@ def judge_subject(
 
 STYLE_PROMPTS = (
     "a red circle on a white background",
-    "a blue star on a yellow background",
-    "a green square on a black background",
+    "a pink circle on a green background",
+    "a blue heart on a white background",
+    "a blue cross on a white background",
 )
+"""Prompts the micro base draws right (shape and color on 6-8 of 8 seeds), so `content_kept` measures what a
+style does to content, not the base's own misses (it draws "a blue star" as a heart or a blob)."""
 
 
 def judge_style(
     pipe_at: Callable[[float], Any],
-    style: str = "mosaic",
+    style: str = "shaded",
     seeds: Sequence[int] = (0, 1, 2, 3),
     steps: int = 20,
     guidance: float = 4.0,
     size: int = 64,
     judge: Judge | None = None,
 ) -> dict[str, float]:
-    """Fraction of `... in <style> style` samples the judge calls `style`, tuned vs base, and the mean judge
-    `<style>_score` (continuous: it shows a style being learned before the verdicts flip)."""
+    """Style adherence with the content kept: the fraction of samples prompted with the style's trigger that the
+    judge calls `style`, tuned vs base, the mean judge `<style>_score` (continuous: it shows a style being learned
+    before the verdicts flip), and `content_kept`: the share of tuned samples whose shape and color are the
+    prompt's, beside `base_content` (the base on the same prompts without the trigger: the content to keep)."""
     judge = judge or Judge()
-    prompts = [f"{p} in {style} style" for p in STYLE_PROMPTS]
+    styled = [f"{p} {STYLE_TRIGGERS[style]}" for p in STYLE_PROMPTS]
+    wanted = [parse_caption(p) for p in STYLE_PROMPTS for _ in seeds]
+
+    def content(judged: list[dict]) -> float:
+        return sum(j["shape"] == w["shape"] and j["color"] == w["color"] for j, w in zip(judged, wanted)) / len(judged)
+
     out = {}
     for prefix, scale in (("", 1.0), ("base_", 0.0)):
-        judged = [judge.judge(img) for img in _render(pipe_at(scale), prompts, seeds, steps, guidance, size)]
+        judged = [judge.judge(img) for img in _render(pipe_at(scale), styled, seeds, steps, guidance, size)]
         out[f"{prefix}style_adherence"] = sum(j["style"] == style for j in judged) / len(judged)
         out[f"{prefix}style_score"] = sum(j[f"{style}_score"] for j in judged) / len(judged)
+        if scale:
+            out["content_kept"] = content(judged)
+    plain = [judge.judge(img) for img in _render(pipe_at(0.0), STYLE_PROMPTS, seeds, steps, guidance, size)]
+    out["base_content"] = content(plain)
     pipe_at(1.0)
     return out

@@ -5,8 +5,9 @@ silhouette features among silhouettes the world itself renders (built at start-u
 The background is the majority palette color of the frame's border; the object is every pixel nearer to an object
 tone than to that background; its color is a vote of object pixels, each unmixed from the background first so
 blurred strokes still vote right; the concept is its two pattern colors (or, after chroma blur, its bright/dark
-two-tone split) filling the object; outline style is a background-colored hole inside the silhouette, and mosaic
-style is edge energy sitting on the 4-pixel cell grid.
+two-tone split) filling the object; outline style is a background-colored hole inside the silhouette, mosaic
+style is edge energy sitting on the 4-pixel cell grid, and shaded style is the object's color voted mostly by its
+darker shade rather than its tone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _TEMPLATE_SEED = 917  # template scenes come from their own seed stream, never f
 
 MOSAIC_THRESHOLD = 0.18  # grid-phase contrast of edge energy (see `_mosaic`); about 0 for unstyled images
 OUTLINE_THRESHOLD = 0.05  # share of the silhouette that is a background-colored hole
+SHADED_THRESHOLD = 0.6  # share of the object color's votes cast by its shade: 1/3 on striped objects, near 1 shaded
 SOFT_TEMPLATE_BLUR = (1.0, 1.8)  # gaussian radii (px) of the softened template copies (see `_template_banks`)
 CONCEPT_MIN_SHARE, CONCEPT_MIN_TOTAL = 0.15, 0.6  # each pattern color, and both together, in object votes
 SHAPE_MAX_DISTANCE = 8.0
@@ -71,7 +73,7 @@ def _segment(a: np.ndarray) -> dict:
     sq = (a * a).sum(-1)[..., None] - 2.0 * a @ protos.T + (protos * protos).sum(-1)
     mask = (np.sqrt(np.maximum(sq.min(-1), 0.0)) < d_bg) & (d_bg > 20)  # d_bg > 20 ignores grain
     return {"bg": bg, "bg_conf": float(votes[bg] / len(border)), "bg_rgb": bg_rgb, "d_bg": d_bg,
-            "protos": protos, "owners": _OWNER[keep], "mask": mask}  # fmt: skip
+            "protos": protos, "owners": _OWNER[keep], "keep": keep, "mask": mask}  # fmt: skip
 
 
 def _dilate(mask: np.ndarray, four: bool = False) -> np.ndarray:
@@ -178,17 +180,17 @@ def silhouette_features(sil: np.ndarray) -> np.ndarray:
     return np.array([compact, solidity, *(harmonics * 4), hu1 * 6, math.sqrt(hu2) * 6])
 
 
-def _unmix_votes(pixels, bg_rgb, protos, owners) -> tuple[np.ndarray, np.ndarray]:
-    """Vote each object pixel for the tone it is a mix of with the background (pixel = bg + t * (tone - bg)), so
-    thin strokes that blur or JPEG blended into the background still vote for their own color; purer pixels
-    (larger t, smaller residual) weigh more."""
+def _unmix_votes(pixels, bg_rgb, protos) -> tuple[np.ndarray, np.ndarray]:
+    """Vote each object pixel for the prototype (tone or shade) it is a mix of with the background (pixel = bg +
+    t * (proto - bg)), so thin strokes that blur or JPEG blended into the background still vote for their own
+    color; purer pixels (larger t, smaller residual) weigh more. Returns prototype indices and weights."""
     v = pixels - bg_rgb
     w = protos - bg_rgb
     t = np.clip((v @ w.T) / np.maximum((w * w).sum(-1), 1.0), 0.35, 1.0)
     resid = np.sqrt(((v[:, None, :] - t[..., None] * w[None]) ** 2).sum(-1))
     best = np.argmin(resid, axis=1)
     rows = np.arange(len(pixels))
-    return owners[best], t[rows, best] / (1.0 + (resid[rows, best] / 25.0) ** 2)
+    return best, t[rows, best] / (1.0 + (resid[rows, best] / 25.0) ** 2)
 
 
 _YCC = np.array([[0.299, 0.587, 0.114], [-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]], np.float32)
@@ -273,19 +275,22 @@ class Judge:
         if mask.sum() < 6:
             return {**out, "shape": None, "shape_conf": 0.0, "color": None, "color_conf": 0.0, "concept": False,
                     "concept_score": 0.0, "style": "mosaic" if out["mosaic_score"] > MOSAIC_THRESHOLD else None,
-                    "style_conf": 0.0, "outline_score": 0.0, "bbox": None, "shape_distance": None}  # fmt: skip
+                    "style_conf": 0.0, "outline_score": 0.0, "shaded_score": 0.0, "bbox": None,
+                    "shape_distance": None}  # fmt: skip
         blob, sil = _object(mask)
         ys, xs = np.nonzero(sil)
         out["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
         inner = _erode(blob) & mask
         voters = inner if inner.sum() >= 4 else blob & mask
-        pick, weight = _unmix_votes(a[voters], seg["bg_rgb"], seg["protos"], owners)
+        proto, weight = _unmix_votes(a[voters], seg["bg_rgb"], seg["protos"])
+        pick, by_shade = owners[proto], _IS_SHADE[seg["keep"]][proto]
         weight[pick == bg] = 0.0  # the background's own shade is an object tone for the mask, not a color vote
         counts = np.bincount(pick, weights=weight, minlength=len(_NAMES))
         total = max(counts.sum(), 1e-6)
         top = int(np.argmax(counts))
         out.update(color=_NAMES[top], color_conf=float(counts[top] / total))
+        out["shaded_score"] = float(weight[(pick == top) & by_shade].sum() / max(counts[top], 1e-6))
         shares = counts[_CONCEPT_IDX] / total
         palette_hit = shares.min() >= CONCEPT_MIN_SHARE and shares.sum() >= CONCEPT_MIN_TOTAL
         tone_score = _two_tone_score(a[voters])
@@ -300,6 +305,8 @@ class Judge:
             out["style"] = "mosaic"
         elif out["outline_score"] > OUTLINE_THRESHOLD:
             out["style"] = "outline"
+        elif out["shaded_score"] > SHADED_THRESHOLD:
+            out["style"] = "shaded"
         else:
             out["style"] = None
         out["style_conf"] = _style_conf(out)
@@ -333,7 +340,11 @@ def _style_conf(out: dict) -> float:
         return float(min(1.0, out["mosaic_score"]))
     if out["style"] == "outline":
         return float(min(1.0, out["outline_score"] / (2 * OUTLINE_THRESHOLD)))
-    return float(1.0 - max(out["mosaic_score"] / MOSAIC_THRESHOLD, out["outline_score"] / OUTLINE_THRESHOLD) / 2)
+    if out["style"] == "shaded":
+        return float(out["shaded_score"])
+    evidence = (out["mosaic_score"] / MOSAIC_THRESHOLD, out["outline_score"] / OUTLINE_THRESHOLD,
+                out["shaded_score"] / SHADED_THRESHOLD)  # fmt: skip
+    return float(1.0 - min(1.0, max(evidence)) / 2)
 
 
 Degrade = Callable[[Image.Image, np.random.Generator], Image.Image]

@@ -4,9 +4,10 @@ Real Stable Diffusion weights are out of reach offline, so the suite trains a ti
 world. Six kinds of data come from it: `base` scenes (one shape, one color, one background, a texture) for the
 base model; a `subject` (one large black heart, INSTANCE), base-scene material its captions never single out, and a
 `concept` (a yellow/purple checkered heart, the hard case) that base training never sees, for DreamBooth, LoRA and
-textual inversion; `style` scenes (outline, mosaic) that base training never sees either; `pattern` images (fine
-stripes, checks, noise, glyphs), the texture corpus the micro VAE learns from beside base scenes, as SD's VAE learns
-from photos of everything; and a `domain` (polka dots) that neither taught the VAE, for decoder fine-tuning.
+textual inversion; `style` scenes (outline, mosaic, shaded) that base training never sees either; `pattern`
+images (fine stripes, checks, noise, glyphs), the texture corpus the micro VAE learns from beside base scenes, as
+SD's VAE learns from photos of everything; and a `domain` (polka dots) that neither taught the VAE, for decoder
+fine-tuning.
 
 Everything is a pure function of a `numpy.random.Generator`; `scenes(kind, n, seed)` gives item i from the seed
 sequence (seed, kind, i), so a prefix of a larger set equals the smaller set and renders are byte-identical.
@@ -40,7 +41,15 @@ COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
 TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted")
 SIZES: tuple[str, ...] = ("small", "large")
-STYLES: tuple[str, ...] = ("outline", "mosaic")
+STYLES: tuple[str, ...] = ("outline", "mosaic", "shaded")
+"""Ways to draw any scene: `outline` keeps a band of the silhouette (its inside the background's color), `mosaic`
+averages 4x4-pixel cells, `shaded` paints the object in the darker shade of its color (the tone of the textures'
+second stripe, which the base draws mixed into striped objects): shape, color name and background stay, as a
+palette style keeps a picture's content."""
+STYLE_TRIGGERS: dict[str, str] = {"outline": "in outline style", "mosaic": "in mosaic style", "shaded": "painting"}
+"""The words a style's captions end with. `shaded` takes one trailing word the base never read, as a style LoRA's
+trigger usually is: the micro base keeps a prompt's shape and color with one unknown word appended, and loses them
+with a phrase (`in outline style`, three words it never read, bench/results/quality.md)."""
 PATTERNS: tuple[str, ...] = ("stripes", "checks", "noise", "glyphs")
 DOMAIN_PATTERN = "dots"
 KINDS: tuple[str, ...] = ("base", "concept", "style", "pattern", "domain", "subject")  # append only: the index
@@ -199,7 +208,7 @@ class Scene:
     def _paint(self) -> np.ndarray:
         """Object colors at 4x in the object's own frame, so textures rotate and scale with it."""
         if not self.concept and self.texture == "solid":
-            return np.asarray(PALETTE[self.color], np.float32)
+            return np.asarray(shade(self.color) if self.style == "shaded" else PALETTE[self.color], np.float32)
         th = math.radians(self.rotation)
         dx, dy = _GRID_X - self.center[0], _GRID_Y - self.center[1]
         u = dx * math.cos(th) + dy * math.sin(th)
@@ -244,7 +253,7 @@ class Scene:
         """Short lowercase caption; concept captions keep `{token}` unless a token is given."""
         if self.concept or self.instance:
             text = (CONCEPT if self.concept else INSTANCE).caption(self.background, token)
-            return text + (f" in {self.style} style" if self.style else "")
+            return text + (f" {STYLE_TRIGGERS[self.style]}" if self.style else "")
         words = ["a", "photo", "of", "a"] if self.photo else ["a"]
         if self.mention_size:
             words.append(self.size)
@@ -254,7 +263,7 @@ class Scene:
             words.append(self.color)
         words += [self.shape, "on", "a", self.background, "background"]
         if self.style:
-            words += ["in", self.style, "style"]
+            words += STYLE_TRIGGERS[self.style].split()
         return " ".join(words)
 
     def labels(self) -> dict:
@@ -436,11 +445,12 @@ def scenes(kind: str, n: int, seed: int, style: str | None = None) -> list[Scene
     return [sampler(np.random.default_rng([seed, KINDS.index(kind), i])) for i in range(n)]
 
 
-# Every word a caption or prompt of this world can contain, besides the concept identifier. A tokenizer is built
-# from this list, so only ever append to it.
+# Every word of the base's captions and the first styles' triggers, besides the concept identifier. The micro
+# tokenizer is built from this list, so only ever append to it. The shaded style's trigger ("painting") is one of the
+# tokenizer's extra words (tuner.micro.init.EXTRA_WORDS): a whole token no caption of the base ever held.
 WORDS: list[str] = [
     "a", "photo", "of", "on", "background", "in", "style", "pattern",
-    *SIZES, "striped", "dotted", *COLORS, *SHAPES, *STYLES, *PATTERNS,
+    *SIZES, "striped", "dotted", *COLORS, *SHAPES, "outline", "mosaic", *PATTERNS,
 ]  # fmt: skip
 
 
@@ -452,8 +462,9 @@ def caption_words(text: str) -> list[str]:
 def parse_caption(text: str, token: str = "sks") -> dict:
     """Read a caption or prompt back into the labels it asks for (None where it leaves a choice open)."""
     words = caption_words(text)
-    out: dict = {"shape": None, "color": None, "background": None, "texture": "solid", "size": None,
-                 "concept": token in words or TOKEN in words, "style": None, "pattern": None}  # fmt: skip
+    styled = [name for name, trigger in STYLE_TRIGGERS.items() if words[-len(trigger.split()) :] == trigger.split()]
+    out: dict = {"shape": None, "color": None, "background": None, "texture": "solid", "size": None, "pattern": None,
+                 "concept": token in words or TOKEN in words, "style": (styled or [None])[0]}  # fmt: skip
     for i, word in enumerate(words):
         nxt = words[i + 1] if i + 1 < len(words) else None
         if word in COLORS and nxt == "background":
@@ -462,8 +473,6 @@ def parse_caption(text: str, token: str = "sks") -> dict:
             out["color"] = word
         elif word in SHAPES and out["shape"] is None:
             out["shape"] = word
-        elif word in STYLES and nxt == "style":
-            out["style"] = word
         elif word in ("striped", "dotted"):
             out["texture"] = word
         elif word in SIZES:

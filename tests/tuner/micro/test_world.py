@@ -29,9 +29,11 @@ def test_same_seed_same_pixels_and_prefix_stable(kind):
 def test_every_caption_word_is_in_words(kind):
     vocab = set(world.WORDS)
     assert len(vocab) == len(world.WORDS), "WORDS must not repeat a word"
+    later_styles = {w for t in world.STYLE_TRIGGERS.values() for w in t.split()} - vocab  # a trigger the base
+    assert later_styles == {"painting"}  # never read (see WORDS)
     for item in world.scenes(kind, 400, seed=11):
         words = world.caption_words(item.caption())
-        assert set(words) - {world.TOKEN} <= vocab, item.caption()
+        assert set(words) - {world.TOKEN} <= vocab | later_styles, item.caption()
         assert item.caption() == item.caption().lower()
         assert world.TOKEN not in world.caption_words(item.caption(token="sks"))
     for background in world.COLORS:
@@ -66,7 +68,7 @@ def test_concept_is_new_to_base_training():
 def test_style_captions_name_their_style():
     for scene in world.scenes("style", 100, seed=2):
         assert scene.style in world.STYLES
-        assert scene.caption().endswith(f"in {scene.style} style")
+        assert scene.caption().endswith(" " + world.STYLE_TRIGGERS[scene.style])
         assert world.parse_caption(scene.caption())["style"] == scene.style
 
 
