@@ -85,9 +85,13 @@ def apply_kohya(pipe: Any, source: str | Path | dict[str, torch.Tensor], scale: 
 
 
 def merge_into(grouped: dict[str, dict[str, torch.Tensor]], modules: dict[str, Any], scale: float) -> int:
-    """Add each grouped module's LoRA delta to the weight of `modules[name]`, in place; returns the module count."""
+    """Give each grouped module a new weight, its old one plus the LoRA delta; returns the module count.
+
+    The old tensor is replaced, never written to: the round-trip check's pipelines share their frozen base tensors
+    with the model as trained (`roundtrip.stock_denoiser`)."""
     with torch.no_grad():
         for name, params in grouped.items():
-            weight = modules[name].weight
-            weight.copy_(merged_weight(params, weight, scale).to(weight.dtype))
+            module = modules[name]
+            merged = merged_weight(params, module.weight, scale).to(module.weight.dtype)
+            module.weight = torch.nn.Parameter(merged, requires_grad=module.weight.requires_grad)
     return len(grouped)

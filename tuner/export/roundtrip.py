@@ -48,10 +48,13 @@ class Check:
         return f"{self.path.name} via {self.loader}"
 
 
-def fresh_pipeline(source: str | Path, revision: str | None = None, complete: bool = False) -> Any:
+def fresh_pipeline(
+    source: str | Path, revision: str | None = None, complete: bool = False, given: dict[str, Any] | None = None
+) -> Any:
     """The stock pipeline of a model folder or hub id, fp32 on CPU, nothing loaded into it.
 
-    Without `complete`, the safety checker is left out: it never touches UNet or text-encoder outputs.
+    Without `complete`, the safety checker is left out: it never touches UNet or text-encoder outputs. `given`
+    components (e.g. `stock_denoiser`'s) are used as they are instead of being read from disk.
     """
     from diffusers import DiffusionPipeline
 
@@ -60,7 +63,8 @@ def fresh_pipeline(source: str | Path, revision: str | None = None, complete: bo
     skip: dict[str, Any] = {n: None for n in names if (index.get(n) or [None])[0]}
     if "safety_checker" in skip:
         skip["requires_safety_checker"] = False
-    pipe = DiffusionPipeline.from_pretrained(str(source), revision=revision, dtype=torch.float32, **skip)
+    pipe = DiffusionPipeline.from_pretrained(str(source), revision=revision, dtype=torch.float32, **skip,
+                                             **(given or {}))  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -95,11 +99,42 @@ def load_into(pipe: Any, check: Check) -> None:
         )
 
 
-def checked_pipeline(check: Check, source: str | Path, revision: str | None) -> Any:
-    """A fresh pipeline with `check`'s file loaded (or the pipeline folder itself)."""
+def stock_denoiser(parts: Any) -> Callable[[], dict[str, Any]]:
+    """`fresh_pipeline`'s `given` for a check on the model as trained: a stock denoiser built on the trained one's
+    own frozen base tensors (shared, not copied), so a check holds no second copy of the largest part in memory.
+
+    Only for an fp32 CPU denoiser whose base is untouched by training (adapters only); otherwise, or when a stock
+    module cannot take every tensor, the checks read the denoiser from disk as before (the factory returns {})."""
+    from accelerate import init_empty_weights
+
+    trained = parts.unwrapped(parts.denoiser)
+    name = parts.family.denoiser_component
+    base = {key.replace(".base_layer.", "."): t for key, t in trained.state_dict(keep_vars=True).items()}
+
+    def build() -> dict[str, Any]:
+        if not _is_cpu_fp32([trained]) or not hasattr(type(trained), "from_config"):
+            return {}
+        with init_empty_weights():
+            stock = type(trained).from_config(trained.config)
+        wanted = stock.state_dict()
+        if not set(wanted) <= set(base) or any(base[k].shape != wanted[k].shape for k in wanted):
+            return {}
+        if any(base[k].requires_grad for k in wanted):  # a trained base weight: the disk's copy is the base
+            return {}
+        stock.load_state_dict({k: base[k].detach() for k in wanted}, assign=True)
+        if any(t.is_meta for t in [*stock.parameters(), *stock.buffers()]):
+            return {}
+        return {name: stock.eval().requires_grad_(False)}
+
+    return build
+
+
+def checked_pipeline(check: Check, source: str | Path, revision: str | None, given=dict) -> Any:
+    """A fresh pipeline with `check`'s file loaded (or the pipeline folder itself); `given()` supplies components
+    that are not read from disk (see `stock_denoiser`)."""
     if check.loader == "pipeline":
         return fresh_pipeline(check.path)
-    pipe = fresh_pipeline(source, revision)
+    pipe = fresh_pipeline(source, revision, given=given())
     try:
         load_into(pipe, check)
     except TunerError:
@@ -235,16 +270,18 @@ def verify(
     want: Callable[[Probe], dict[str, torch.Tensor]],
     checks: list[Check],
     revision: str | None = None,
+    given: Callable[[], dict[str, Any]] = dict,
 ) -> dict[str, dict[str, float]]:
-    """Compare each check's outputs with `want(probe)`; raise `TunerError` naming every mismatch."""
-    held = [fresh_pipeline(source, revision)]
+    """Compare each check's outputs with `want(probe)`; raise `TunerError` naming every mismatch. `given()`
+    supplies pipeline components shared with the trained model instead of read from disk (`stock_denoiser`)."""
+    held = [fresh_pipeline(source, revision, given=given())]
     probe = Probe.for_pipeline(held[0])
     base = outputs_of(held.pop, probe)  # pop: no reference to the base pipeline survives
     reference = want(probe)
     report: dict[str, dict[str, float]] = {}
     failures: list[str] = []
     for check in checks:
-        got = outputs_of(lambda check=check: checked_pipeline(check, source, revision), probe)
+        got = outputs_of(lambda check=check: checked_pipeline(check, source, revision, given), probe)
         report[check.label], problems = compare(got, reference, base, check.rtol)
         failures += [f"{check.label}: {p}" for p in problems]
         worst = ", ".join(f"{part} {diff:.2g}" for part, diff in report[check.label].items())
@@ -258,7 +295,8 @@ def verify(
 def verify_export(parts: Any, state: LoraState, checks: list[Check]) -> dict[str, dict[str, float]]:
     """Every check against the model as trained; `state` is the adapter collected from `parts` (the reference
     when `parts` is not fp32 on the CPU)."""
-    return verify(parts.source, lambda probe: trained_outputs(parts, state, probe), checks, parts.revision)
+    return verify(parts.source, lambda probe: trained_outputs(parts, state, probe), checks, parts.revision,
+                  stock_denoiser(parts))  # fmt: skip
 
 
 def verify_files(source: str | Path, reference: Check, checks: list[Check], revision: str | None = None):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tuner.config import RunConfig
 from tuner.errors import TunerError
 from tuner.export.lora import export_lora
-from tuner.export.roundtrip import Check, Probe, fresh_pipeline, pipeline_outputs, verify_export
+from tuner.export.roundtrip import Check, Probe, fresh_pipeline, pipeline_outputs, stock_denoiser, verify_export
 from tuner.export.state import collect_state
 from tuner.models import load_parts
 
@@ -165,6 +165,22 @@ def test_round_trip_check_catches_a_wrong_alpha_and_dropped_modules(sd1_export, 
     save_file(dropped, str(tmp_path / "dropped.safetensors"))
     with pytest.raises(TunerError, match="dropped.safetensors via merge"):
         verify_export(parts, state, [Check(tmp_path / "dropped.safetensors", "merge")])
+
+
+def test_checks_share_the_trained_base_tensors_and_leave_them_untouched(sd1_export):
+    """The round trip's stock denoiser holds the trained model's own frozen tensors (no second copy in memory), and
+    a merge check, which adds deltas to weights, replaces its weights instead of writing into the shared ones."""
+    parts, state, out, _, _ = sd1_export
+    unet = parts.denoiser
+    trained = unet.state_dict()
+    stock = stock_denoiser(parts)()["unet"]
+    assert not any(name.startswith("lora") for name in dict(stock.named_modules()))
+    assert stock.conv_in.weight.data_ptr() == unet.conv_in.weight.data_ptr()
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert stock.get_submodule(q).weight.data_ptr() == unet.get_submodule(q).base_layer.weight.data_ptr()
+    before = {k: v.clone() for k, v in trained.items()}
+    verify_export(parts, state, [Check(out / "toy.safetensors", "merge")])
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
 
 
 def test_loaded_file_changes_output_and_scale_zero_is_base(sd1_export):
