@@ -88,7 +88,7 @@ def merge_into(grouped: dict[str, dict[str, torch.Tensor]], modules: dict[str, A
     """Give each grouped module a new weight, its old one plus the LoRA delta; returns the module count.
 
     The old tensor is replaced, never written to: the round-trip check's pipelines share their frozen base tensors
-    with the model as trained (`roundtrip.stock_denoiser`)."""
+    with the model as trained (`roundtrip.stock_parts`)."""
     with torch.no_grad():
         for name, params in grouped.items():
             module = modules[name]

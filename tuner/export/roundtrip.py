@@ -54,7 +54,7 @@ def fresh_pipeline(
     """The stock pipeline of a model folder or hub id, fp32 on CPU, nothing loaded into it.
 
     Without `complete`, the safety checker is left out: it never touches UNet or text-encoder outputs. `given`
-    components (e.g. `stock_denoiser`'s) are used as they are instead of being read from disk.
+    components (e.g. `stock_parts`') are used as they are instead of being read from disk.
     """
     from diffusers import DiffusionPipeline
 
@@ -99,39 +99,50 @@ def load_into(pipe: Any, check: Check) -> None:
         )
 
 
-def stock_denoiser(parts: Any) -> Callable[[], dict[str, Any]]:
-    """`fresh_pipeline`'s `given` for a check on the model as trained: a stock denoiser built on the trained one's
-    own frozen base tensors (shared, not copied), so a check holds no second copy of the largest part in memory.
+def stock_parts(parts: Any) -> Callable[[], dict[str, Any]]:
+    """`fresh_pipeline`'s `given` for checks on the model as trained: a stock denoiser and stock text encoders
+    built on the trained modules' own frozen base tensors (shared, not copied), so a check holds no second copy of
+    the model in memory. Each call builds new modules, since a check's loader wraps or merges into them.
 
-    Only for an fp32 CPU denoiser whose base is untouched by training (adapters only); otherwise, or when a stock
-    module cannot take every tensor, the checks read the denoiser from disk as before (the factory returns {})."""
-    from accelerate import init_empty_weights
-
-    trained = parts.unwrapped(parts.denoiser)
-    name = parts.family.denoiser_component
-    base = {key.replace(".base_layer.", "."): t for key, t in trained.state_dict(keep_vars=True).items()}
+    A part is shared only when it is fp32 on the CPU and training left its base untouched (adapters only);
+    otherwise, or when a stock module cannot take every tensor, the checks read it from disk as before."""
+    family = parts.family
+    trained = {family.denoiser_component: parts.unwrapped(parts.denoiser)}
+    for spec, encoder in zip(family.encoders, parts.text_encoders):
+        trained[spec.component] = parts.unwrapped(encoder)
 
     def build() -> dict[str, Any]:
-        if not _is_cpu_fp32([trained]) or not hasattr(type(trained), "from_config"):
-            return {}
-        with init_empty_weights():
-            stock = type(trained).from_config(trained.config)
-        wanted = stock.state_dict()
-        if not set(wanted) <= set(base) or any(base[k].shape != wanted[k].shape for k in wanted):
-            return {}
-        if any(base[k].requires_grad for k in wanted):  # a trained base weight: the disk's copy is the base
-            return {}
-        stock.load_state_dict({k: base[k].detach() for k in wanted}, assign=True)
-        if any(t.is_meta for t in [*stock.parameters(), *stock.buffers()]):
-            return {}
-        return {name: stock.eval().requires_grad_(False)}
+        built = {name: _stock_copy(module) for name, module in trained.items()}
+        return {name: module for name, module in built.items() if module is not None}
 
     return build
 
 
+def _stock_copy(trained: nn.Module) -> nn.Module | None:
+    """A module of the same class and config, without adapters, whose parameters are `trained`'s base tensors."""
+    from accelerate import init_empty_weights
+
+    config = getattr(trained, "config", None)
+    if config is None or not _is_cpu_fp32([trained]):
+        return None
+    base = {key.replace(".base_layer.", "."): t for key, t in trained.state_dict(keep_vars=True).items()}
+    cls = type(trained)
+    with init_empty_weights():  # parameters on the meta device; buffers (position ids...) built for real
+        stock = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    wanted = stock.state_dict()
+    if not set(wanted) <= set(base) or any(base[k].shape != wanted[k].shape for k in wanted):
+        return None
+    if any(base[k].requires_grad for k in wanted):  # a trained base weight: only the disk holds the base
+        return None
+    stock.load_state_dict({k: base[k].detach() for k in wanted}, assign=True)
+    if any(t.is_meta for t in [*stock.parameters(), *stock.buffers()]):
+        return None
+    return stock.eval().requires_grad_(False)
+
+
 def checked_pipeline(check: Check, source: str | Path, revision: str | None, given=dict) -> Any:
     """A fresh pipeline with `check`'s file loaded (or the pipeline folder itself); `given()` supplies components
-    that are not read from disk (see `stock_denoiser`)."""
+    that are not read from disk (see `stock_parts`)."""
     if check.loader == "pipeline":
         return fresh_pipeline(check.path)
     pipe = fresh_pipeline(source, revision, given=given())
@@ -273,7 +284,7 @@ def verify(
     given: Callable[[], dict[str, Any]] = dict,
 ) -> dict[str, dict[str, float]]:
     """Compare each check's outputs with `want(probe)`; raise `TunerError` naming every mismatch. `given()`
-    supplies pipeline components shared with the trained model instead of read from disk (`stock_denoiser`)."""
+    supplies pipeline components shared with the trained model instead of read from disk (`stock_parts`)."""
     held = [fresh_pipeline(source, revision, given=given())]
     probe = Probe.for_pipeline(held[0])
     base = outputs_of(held.pop, probe)  # pop: no reference to the base pipeline survives
@@ -296,7 +307,7 @@ def verify_export(parts: Any, state: LoraState, checks: list[Check]) -> dict[str
     """Every check against the model as trained; `state` is the adapter collected from `parts` (the reference
     when `parts` is not fp32 on the CPU)."""
     return verify(parts.source, lambda probe: trained_outputs(parts, state, probe), checks, parts.revision,
-                  stock_denoiser(parts))  # fmt: skip
+                  stock_parts(parts))  # fmt: skip
 
 
 def verify_files(source: str | Path, reference: Check, checks: list[Check], revision: str | None = None):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tuner.config import RunConfig
 from tuner.errors import TunerError
 from tuner.export.lora import export_lora
-from tuner.export.roundtrip import Check, Probe, fresh_pipeline, pipeline_outputs, stock_denoiser, verify_export
+from tuner.export.roundtrip import Check, Probe, fresh_pipeline, pipeline_outputs, stock_parts, verify_export
 from tuner.export.state import collect_state
 from tuner.models import load_parts
 
@@ -173,14 +173,19 @@ def test_checks_share_the_trained_base_tensors_and_leave_them_untouched(sd1_expo
     parts, state, out, _, _ = sd1_export
     unet = parts.denoiser
     trained = unet.state_dict()
-    stock = stock_denoiser(parts)()["unet"]
+    given = stock_parts(parts)()
+    assert set(given) == {"unet", "text_encoder"}  # the text encoder trains a LoRA too: its base is shared
+    stock = given["unet"]
+    te = parts.text_encoders[0]
+    shared = given["text_encoder"].embeddings.token_embedding.weight
+    assert shared.data_ptr() == te.embeddings.token_embedding.weight.data_ptr()
     assert not any(name.startswith("lora") for name in dict(stock.named_modules()))
     assert stock.conv_in.weight.data_ptr() == unet.conv_in.weight.data_ptr()
     q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     assert stock.get_submodule(q).weight.data_ptr() == unet.get_submodule(q).base_layer.weight.data_ptr()
-    before = {k: v.clone() for k, v in trained.items()}
+    before = {k: v.clone() for k, v in [*trained.items(), *te.state_dict().items()]}
     verify_export(parts, state, [Check(out / "toy.safetensors", "merge")])
-    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in [*unet.state_dict().items(), *te.state_dict().items()])
 
 
 def test_loaded_file_changes_output_and_scale_zero_is_base(sd1_export):
