@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "with one torch thread per run, the CPU time per step is the work a step does, whatever else runs beside it.",
         "Ours reads cached latents and text embeddings and frees the VAE and the text encoder after caching; the",
         "example script encodes every batch with both. Peak RSS is the whole process, imports included.",
+        "What was tried to move these figures, and what each did: [speed-levers.md](speed-levers.md).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(text) + "\n", encoding="utf-8")
